@@ -1,0 +1,191 @@
+"""Range-setting calibration methods (min-max, percentile, entropy, MSE, MAE) behind one interface.
+
+Each method turns an activation histogram into a clipping value ``amax`` and a weight tensor into
+per-channel ``amax`` values; the scale is ``amax / qmax`` of the tensor's integer grid.
+Reconstruction methods (``repapq``, ``brecq``) register into the same table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from repapq_deploy.calibrate.observer import HistogramObserver
+from repapq_deploy.errors import DeployError
+from repapq_deploy.progress import track
+from repapq_deploy.quant.placement import QuantizedModel
+from repapq_deploy.quant.scheme import IntFormat
+
+_EPS = 1e-8
+_SEARCH_POINTS = 100
+
+
+class RangeMethod:
+    """Base: min-max for weights and activations."""
+
+    name = "minmax"
+    needs_histogram = False
+
+    def activation_amax(self, obs: HistogramObserver, fmt: IntFormat) -> float:  # noqa: ARG002
+        return obs.amax
+
+    def weight_amax(self, w: torch.Tensor, fmt: IntFormat) -> torch.Tensor:  # noqa: ARG002
+        """Per-output-channel clipping values for ``w`` reshaped to (C, -1)."""
+        return w.abs().amax(dim=1)
+
+
+class Percentile(RangeMethod):
+    """Clip activations at a percentile of ``|x|`` (weights: min-max)."""
+
+    name = "percentile"
+    needs_histogram = True
+
+    def __init__(self, percentile: float = 99.99) -> None:
+        self.percentile = percentile
+
+    def activation_amax(self, obs: HistogramObserver, fmt: IntFormat) -> float:  # noqa: ARG002
+        counts = torch.cat([torch.tensor([float(obs.zeros)], dtype=torch.float64), obs.hist])
+        cdf = torch.cumsum(counts, 0) / counts.sum()
+        idx = int(torch.searchsorted(cdf, torch.tensor(self.percentile / 100, dtype=torch.float64)))
+        edges = torch.cat([torch.zeros(1, dtype=torch.float64), (torch.arange(1, len(counts)) * obs.amax / len(obs.hist))])
+        return float(edges[min(idx, len(edges) - 1)]) or obs.amax
+
+
+class Entropy(RangeMethod):
+    """TensorRT's classic KL-divergence calibration on the ``|x|`` histogram (weights: min-max)."""
+
+    name = "entropy"
+    needs_histogram = True
+
+    def activation_amax(self, obs: HistogramObserver, fmt: IntFormat) -> float:
+        # Exact zeros are left out: they are represented exactly at any clip, but as a spike in the
+        # first bin they dominate the KL term and drive the clip far too low on post-ReLU tensors.
+        hist = obs.hist.numpy()
+        nbins = len(hist)
+        levels = min(fmt.qmax + 1, nbins)  # grid points available to |x|
+        best_i, best_kl = nbins, np.inf
+        for i in range(levels, nbins + 1, 16):
+            ref = hist[:i].copy()
+            ref[i - 1] += hist[i:].sum()
+            if ref.sum() == 0:
+                continue
+            nonzero = hist[:i] != 0
+            # quantize the first i bins into `levels` groups, expand back over non-empty bins
+            groups = np.array_split(np.arange(i), levels)
+            cand = np.zeros(i)
+            for g in groups:
+                nz = nonzero[g]
+                if nz.any():
+                    cand[g[nz]] = hist[:i][g].sum() / nz.sum()
+            p = ref / ref.sum()
+            q = cand / cand.sum() if cand.sum() > 0 else cand
+            mask = p > 0
+            if (q[mask] == 0).any():
+                continue
+            kl = float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+            if kl < best_kl:
+                best_kl, best_i = kl, i
+        return best_i * obs.amax / nbins
+
+
+class ErrorSearch(RangeMethod):
+    """Search the clipping value that minimises the mean |error|^p of the quantized tensor.
+
+    ``p=2`` is MSE, ``p=1`` is MAE (RepAPQ's choice: rare outliers pull the scale less).
+    Activations are searched on the histogram, weights per output channel on the exact values.
+    """
+
+    needs_histogram = True
+
+    def __init__(self, name: str, power: int) -> None:
+        self.name = name
+        self.power = power
+
+    def activation_amax(self, obs: HistogramObserver, fmt: IntFormat) -> float:
+        v = obs.bin_centers()
+        counts = obs.hist
+        best, best_err = obs.amax, float("inf")
+        for frac in torch.linspace(1.0 / _SEARCH_POINTS, 1.0, _SEARCH_POINTS, dtype=torch.float64):
+            amax = float(frac) * obs.amax
+            s = amax / fmt.qmax
+            err = (v - torch.clamp(torch.round(v / s), max=fmt.qmax) * s).abs().pow(self.power)
+            total = float((err * counts).sum())
+            if total < best_err:
+                best, best_err = amax, total
+        return best
+
+    def weight_amax(self, w: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+        full = w.abs().amax(dim=1).clamp_min(_EPS)
+        best = full.clone()
+        best_err = torch.full_like(full, float("inf"))
+        for frac in torch.linspace(1.0 / _SEARCH_POINTS, 1.0, _SEARCH_POINTS):
+            amax = full * frac
+            s = (amax / fmt.qmax)[:, None]
+            err = (w - torch.clamp(torch.round(w / s), fmt.qmin, fmt.qmax) * s).abs().pow(self.power).sum(1)
+            better = err < best_err
+            best = torch.where(better, amax, best)
+            best_err = torch.where(better, err, best_err)
+        return best
+
+
+METHODS: dict[str, RangeMethod] = {
+    "minmax": RangeMethod(),
+    "percentile": Percentile(),
+    "entropy": Entropy(),
+    "mse": ErrorSearch("mse", 2),
+    "mae": ErrorSearch("mae", 1),
+}
+
+
+@dataclass
+class CalibrationResult:
+    """What a calibration run did: method, images, time, and the quantizer count."""
+
+    method: str
+    images: int
+    seconds: float
+    activation_quantizers: int
+    weight_quantizers: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@torch.no_grad()
+def _run(qm: QuantizedModel, data: torch.Tensor, batch_size: int, description: str) -> None:
+    batches = range(0, len(data), batch_size)
+    for i in track(batches, description, total=len(batches)):
+        qm.module(data[i:i + batch_size])
+
+
+def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: int = 32) -> CalibrationResult:
+    """Set every scale of ``qm`` from ``data`` with ``method``; leaves ``qm`` in ``quant`` mode."""
+    if method not in METHODS:
+        raise DeployError(f"--method {method}: unknown; choose one of {', '.join(METHODS)}")
+    m = METHODS[method]
+    t0 = time.perf_counter()
+    qm.module.eval()
+    observers = {}
+    for name, q in qm.act_quantizers.items():
+        q.observer = observers[name] = HistogramObserver()
+    qm.set_mode("observe")
+    _run(qm, data, batch_size, f"calibrate [{method}] ranges")
+    if m.needs_histogram:
+        for obs in observers.values():
+            obs.collect_histogram = True
+        _run(qm, data, batch_size, f"calibrate [{method}] histograms")
+    with torch.no_grad():
+        for name, q in qm.act_quantizers.items():
+            amax = m.activation_amax(observers[name], q.fmt) if observers[name].amax > 0 else 0.0
+            q.scale.fill_(max(amax, _EPS) / q.fmt.qmax)
+            q.observer = None
+        for layer in qm.weight_layers.values():
+            wq = layer.weight_quantizer
+            w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+            wq.scale.copy_(m.weight_amax(w, wq.fmt).clamp_min(_EPS) / wq.fmt.qmax)
+    qm.set_mode("quant")
+    return CalibrationResult(method, len(data), time.perf_counter() - t0,
+                             len(qm.act_quantizers), len(qm.weight_layers))

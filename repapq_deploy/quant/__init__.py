@@ -1,0 +1,1 @@
+"""Integer schemes, fake-quantization modules and quantizer placement."""

@@ -1,0 +1,167 @@
+"""Fake-quantization modules, bit-exact with ONNX QuantizeLinear/DequantizeLinear.
+
+Forward: ``q = clamp(round_half_even(x / s), qmin, qmax); y = q * s`` in float32, which is exactly
+what ONNX's Q (saturating) followed by DQ computes. While exporting to ONNX the same modules emit
+real Q/DQ nodes (and a ``Clip`` for grids narrower than int8), so the exported graph is the
+calibrated model by construction rather than by a separate re-implementation.
+
+Gradients use the straight-through estimator for rounding, and LSQ-style gradients reach the
+scales, so reconstruction-based calibration can train them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from repapq_deploy.quant.scheme import IntFormat
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with ``scale`` (broadcastable) on ``fmt``'s grid."""
+    return torch.clamp(_round_ste(x / scale), fmt.qmin, fmt.qmax) * scale
+
+
+def _zero_point(g, signed: bool, channels: int | None = None):
+    dtype = torch.int8 if signed else torch.uint8
+    value = torch.zeros(channels, dtype=dtype) if channels else torch.tensor(0, dtype=dtype)
+    return g.op("Constant", value_t=value)
+
+
+class _ActQDQ(torch.autograd.Function):
+    """Export-only: per-tensor activation Q/DQ (+ Clip when the grid is emulated)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, lo, hi, qmin: int, qmax: int, signed: bool, clip: bool):  # noqa: ARG004
+        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, lo, hi, qmin, qmax, signed, clip):  # noqa: ARG004
+        if clip:
+            x = g.op("Clip", x, lo, hi)
+        zp = _zero_point(g, signed)
+        q = g.op("QuantizeLinear", x, scale, zp)
+        return g.op("DequantizeLinear", q, scale, zp)
+
+
+class _WeightDQ(torch.autograd.Function):
+    """Export-only: int8 weight initializer followed by a per-channel DequantizeLinear (axis 0)."""
+
+    @staticmethod
+    def forward(ctx, w_int, scale):
+        shape = (-1,) + (1,) * (w_int.dim() - 1)
+        return w_int.float() * scale.view(shape)
+
+    @staticmethod
+    def symbolic(g, w_int, scale):
+        channels = w_int.type().sizes()[0]
+        return g.op("DequantizeLinear", w_int, scale, _zero_point(g, True, channels), axis_i=0)
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation quantizer.
+
+    Modes: ``observe`` passes ``x`` through and feeds the attached observer (calibration
+    statistics), ``quant`` fake-quantizes, ``off`` passes through.
+    """
+
+    def __init__(self, fmt: IntFormat, nonnegative: bool) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.nonnegative = nonnegative
+        self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
+        self.mode = "off"
+        self.observer = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.observer.update(x.detach())
+            return x
+        if self.mode == "off":
+            return x
+        if torch.onnx.is_in_onnx_export():
+            lo = self.scale.detach() * self.fmt.qmin
+            hi = self.scale.detach() * self.fmt.qmax
+            return _ActQDQ.apply(x, self.scale.detach(), lo, hi, self.fmt.qmin, self.fmt.qmax,
+                                 self.fmt.signed, self.fmt.emulated)
+        return fake_quant(x, self.scale, self.fmt)
+
+    def extra_repr(self) -> str:
+        kind = "int" if self.fmt.signed else "uint"
+        return f"{kind}{self.fmt.bits}, scale={self.scale.item():.4g}, mode={self.mode}"
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric per-output-channel weight quantizer (axis 0)."""
+
+    def __init__(self, fmt: IntFormat, channels: int) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
+        self.enabled = False
+
+    def _scale(self, w: torch.Tensor) -> torch.Tensor:
+        return self.scale.view((-1,) + (1,) * (w.dim() - 1))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
+        return fake_quant(w, self._scale(w), self.fmt)
+
+    def integer(self, w: torch.Tensor) -> torch.Tensor:
+        """The stored integer weights (int8 storage, values on this quantizer's grid)."""
+        q = torch.clamp(torch.round(w.detach() / self._scale(w).detach()), self.fmt.qmin, self.fmt.qmax)
+        return q.to(torch.int8)
+
+
+class _QuantWeightMixin:
+    """Shared by conv and linear: the weight passes through a WeightQuantizer (or int8 + DQ on export)."""
+
+    weight_quantizer: WeightQuantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        wq = self.weight_quantizer
+        if wq.enabled and torch.onnx.is_in_onnx_export():
+            return _WeightDQ.apply(self.weight_int8, wq.scale.detach())
+        return wq(self.weight)
+
+    def freeze_integer_weight(self) -> None:
+        """Store the integer weights as a buffer; the exporter turns buffers into int8 initializers
+        (an expression of the float weight would be traced as Div/Round/Clip/Cast nodes)."""
+        self.register_buffer("weight_int8", self.weight_quantizer.integer(self.weight), persistent=False)
+
+
+class QuantConv2d(nn.Conv2d, _QuantWeightMixin):
+    """``nn.Conv2d`` with a per-channel weight quantizer."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, fmt: IntFormat) -> QuantConv2d:
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                device=conv.weight.device, dtype=conv.weight.dtype)
+        q.load_state_dict(conv.state_dict())
+        q.weight_quantizer = WeightQuantizer(fmt, conv.out_channels)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantLinear(nn.Linear, _QuantWeightMixin):
+    """``nn.Linear`` with a per-output-channel weight quantizer."""
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, fmt: IntFormat) -> QuantLinear:
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        q.load_state_dict(linear.state_dict())
+        q.weight_quantizer = WeightQuantizer(fmt, linear.out_features)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)

@@ -1,0 +1,237 @@
+"""Where quantizers go: a registry from op kind to a placement rule, per backend profile.
+
+The fused model is traced with ``torch.fx``; convs and linears become ``QuantConv2d`` /
+``QuantLinear`` and ``ActQuantizer`` nodes are inserted on the tensors that the rules select.
+A tensor read by several quantized consumers gets one quantizer (one Q/DQ pair in ONNX, one
+scale). The exported ONNX graph is this graph, so the TensorRT/ORT placement rules of DESIGN.md
+are implemented here once.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from repapq_deploy.errors import DeployError
+from repapq_deploy.quant.fakequant import ActQuantizer, QuantConv2d, QuantLinear
+from repapq_deploy.quant.scheme import Profile, QuantConfig
+
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+_RELU_FUNCS = {F.relu, torch.relu, F.relu6}
+# Ops whose output is non-negative whenever their (first) input is.
+_MONOTONE_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                     nn.Flatten, nn.Identity, nn.Dropout, ActQuantizer)
+_MONOTONE_FUNCS = {torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d,
+                   F.adaptive_max_pool2d, torch.mean}
+_MONOTONE_METHODS = {"flatten", "mean", "view", "reshape", "contiguous"}
+
+
+def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """Classify an FX node into the kinds the placement registry knows."""
+    if node.op == "call_module":
+        mod = modules[node.target]
+        if isinstance(mod, nn.Conv2d):
+            return "conv"
+        if isinstance(mod, nn.Linear):
+            return "linear"
+        if isinstance(mod, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
+            return "maxpool"
+        if isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            return "avgpool"
+        if isinstance(mod, _RELU_MODULES):
+            return "relu"
+    elif node.op == "call_function":
+        if node.target in (operator.add, operator.iadd, torch.add):
+            return "add"
+        if node.target is torch.cat:
+            return "cat"
+        if node.target in (F.max_pool2d, F.adaptive_max_pool2d):
+            return "maxpool"
+        if node.target in (F.avg_pool2d, F.adaptive_avg_pool2d):
+            return "avgpool"
+        if node.target in _RELU_FUNCS:
+            return "relu"
+    elif node.op == "call_method" and node.target == "mean":
+        return "avgpool"
+    return None
+
+
+def is_nonnegative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True when the tensor is provably >= 0 (a ReLU output, possibly through pools/reshapes)."""
+    while True:
+        if op_kind(node, modules) == "relu":
+            return True
+        if node.op == "call_module" and isinstance(modules[node.target], _MONOTONE_MODULES):
+            pass
+        elif node.op == "call_function" and node.target in _MONOTONE_FUNCS:
+            pass
+        elif node.op == "call_method" and node.target in _MONOTONE_METHODS:
+            pass
+        else:
+            return False
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        node = node.args[0]
+
+
+# --- placement rules: (node, profile) -> positions of node.args to quantize (None: none) -----------
+
+def _first_input(node: fx.Node, profile: Profile) -> list[int]:  # noqa: ARG001
+    return [0]
+
+
+def _add_inputs(node: fx.Node, profile: Profile) -> list[int]:
+    args = [i for i, a in enumerate(node.args[:2]) if isinstance(a, fx.Node)]
+    if len(args) < 2:
+        return []
+    if profile.add_quantizes_both_inputs:
+        return args
+    # TensorRT: Q/DQ on the shortcut only, so the add fuses into the other branch's conv epilogue.
+    return [args[-1]]
+
+
+def _cat_inputs(node: fx.Node, profile: Profile) -> list[int]:  # noqa: ARG001
+    return [0]  # args[0] is the list of tensors; handled as one shared quantizer
+
+
+PLACEMENT: dict[str, Callable[[fx.Node, Profile], list[int]]] = {
+    "conv": _first_input,
+    "linear": _first_input,
+    "avgpool": _first_input,
+    "maxpool": _first_input,
+    "add": _add_inputs,
+    "cat": _cat_inputs,
+}
+
+
+@dataclass
+class QuantizedModel:
+    """The fake-quant model and what the calibration and export stages need to know about it."""
+
+    module: fx.GraphModule
+    config: QuantConfig
+    act_quantizers: dict[str, ActQuantizer] = field(default_factory=dict)
+    weight_layers: dict[str, nn.Module] = field(default_factory=dict)
+
+    def set_mode(self, mode: str) -> None:
+        """Put every activation quantizer in ``observe``, ``quant`` or ``off`` and weights on/off."""
+        for q in self.act_quantizers.values():
+            q.mode = mode
+        for layer in self.weight_layers.values():
+            layer.weight_quantizer.enabled = mode == "quant"
+
+    def freeze_for_export(self) -> None:
+        """Fix the integer weights from the current scales (call right before ONNX export)."""
+        for layer in self.weight_layers.values():
+            layer.freeze_integer_weight()
+
+    def scales(self) -> dict[str, torch.Tensor]:
+        """All scales by quantizer name (the heart of ``qstate.pt``)."""
+        out = {f"{n}.act": q.scale.detach().clone() for n, q in self.act_quantizers.items()}
+        out.update({f"{n}.weight": m.weight_quantizer.scale.detach().clone()
+                    for n, m in self.weight_layers.items()})
+        return out
+
+    def load_scales(self, scales: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`scales`; raises on a state from a different model or config."""
+        expected = set(self.scales())
+        if set(scales) != expected:
+            missing, extra = sorted(expected - set(scales)), sorted(set(scales) - expected)
+            raise DeployError(f"quantization state does not match the model (missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}); re-run calibrate with --force")
+        with torch.no_grad():
+            for n, q in self.act_quantizers.items():
+                q.scale.copy_(scales[f"{n}.act"])
+            for n, m in self.weight_layers.items():
+                m.weight_quantizer.scale.copy_(scales[f"{n}.weight"])
+
+
+def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
+    """Trace ``fused`` and insert weight and activation quantizers per ``config``'s profile."""
+    try:
+        gm = fused if isinstance(fused, fx.GraphModule) else fx.symbolic_trace(fused)
+    except Exception as exc:  # tracing errors come from arbitrary user code
+        raise DeployError(f"cannot trace the fused model with torch.fx ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:160]}); models with data-dependent control flow "
+                          "are not supported") from exc
+    gm = fx.GraphModule(gm, gm.graph)  # own copy of the graph
+    modules = dict(gm.named_modules())
+    graph = gm.graph
+    profile = config.scheme
+    nodes = list(graph.nodes)
+    weighted = [n for n in nodes if op_kind(n, modules) in ("conv", "linear")]
+    if not weighted:
+        raise DeployError("the model has no Conv2d or Linear layer to quantize")
+    # Literature convention: the first conv and the classifier keep first_last_bits.
+    edge = {weighted[0].name, weighted[-1].name}
+    qm = QuantizedModel(gm, config)
+
+    for node in weighted:
+        mod = modules[node.target]
+        bits = config.first_last_bits if node.name in edge else config.bits
+        cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
+        qlayer = cls.from_float(mod, profile.weight_format(bits))
+        _set_submodule(gm, node.target, qlayer)
+        qm.weight_layers[node.target] = qlayer
+    modules = dict(gm.named_modules())
+
+    quantized_of: dict[str, fx.Node] = {}
+
+    def new_quantizer(bits: int, nonneg: bool) -> str:
+        name = f"act_quant_{len(qm.act_quantizers)}"
+        aq = ActQuantizer(profile.activation_format(bits, nonneg), nonneg)
+        gm.add_submodule(name, aq)
+        qm.act_quantizers[name] = modules[name] = aq
+        return name
+
+    def quantized(src: fx.Node, bits: int) -> fx.Node:
+        if src.name in quantized_of:
+            return quantized_of[src.name]
+        if op_kind(src, modules) == "maxpool" and isinstance(src.args[0], fx.Node):
+            # MaxPool commutes with Q/DQ: its output reuses its input's scale (tied).
+            target = quantized(src.args[0], bits).target
+        else:
+            target = new_quantizer(bits, is_nonnegative(src, modules))
+        with graph.inserting_after(src):
+            qn = graph.call_module(target, (src,))
+        quantized_of[src.name] = qn
+        return qn
+
+    for node in nodes:
+        kind = op_kind(node, modules)
+        rule = PLACEMENT.get(kind)
+        if rule is None:
+            continue
+        bits = config.first_last_bits if node.name in edge else config.bits
+        if kind == "cat":
+            tensors = node.args[0]
+            nonneg = all(is_nonnegative(t, modules) for t in tensors)
+            shared = new_quantizer(bits, nonneg)  # one scale for all inputs (and the output)
+            qs = []
+            for t in tensors:
+                with graph.inserting_after(t):
+                    qs.append(graph.call_module(shared, (t,)))
+            node.update_arg(0, type(tensors)(qs))
+            with graph.inserting_after(node):
+                quantized_of[node.name] = graph.call_module(shared, (node,))
+            continue
+        for pos in rule(node, profile):
+            src = node.args[pos]
+            if isinstance(src, fx.Node):
+                node.update_arg(pos, quantized(src, bits))
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return qm
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent_name, _, child = target.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)

@@ -1,0 +1,76 @@
+"""Backend profiles and the integer formats they fix (see DESIGN.md, "Backends")."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from repapq_deploy.errors import DeployError
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """The integer grid one tensor is quantized to. Storage is always 8-bit (INT6 is emulated)."""
+
+    bits: int
+    signed: bool
+    narrow: bool = False
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def emulated(self) -> bool:
+        """True when the grid is narrower than the 8-bit storage type, so a Clip must enforce it."""
+        return self.bits < 8
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A backend's quantization scheme: what is calibrated is exactly what the backend runs."""
+
+    name: str
+    unsigned_nonnegative: bool  # uint8 (zero point 0) for post-ReLU tensors
+    add_quantizes_both_inputs: bool  # ORT's QLinearAdd wants both; TensorRT only the shortcut
+
+    def weight_format(self, bits: int) -> IntFormat:
+        # Both backends: symmetric per-channel, narrow range [-(2^(b-1)-1), 2^(b-1)-1].
+        return IntFormat(bits, signed=True, narrow=True)
+
+    def activation_format(self, bits: int, nonnegative: bool) -> IntFormat:
+        return IntFormat(bits, signed=not (self.unsigned_nonnegative and nonnegative))
+
+
+PROFILES: dict[str, Profile] = {
+    "tensorrt": Profile("tensorrt", unsigned_nonnegative=False, add_quantizes_both_inputs=False),
+    "onnxruntime": Profile("onnxruntime", unsigned_nonnegative=True, add_quantizes_both_inputs=True),
+}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how: profile, bit width, and the bit width of the first/last layer."""
+
+    profile: str = "onnxruntime"
+    bits: int = 8
+    first_last_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise DeployError(f"--profile {self.profile}: unknown; choose one of {', '.join(PROFILES)}")
+        for opt, b in (("--bits", self.bits), ("--first-last-bits", self.first_last_bits)):
+            if b not in (6, 8):
+                raise DeployError(f"{opt} {b}: unsupported; use 8, or 6 (emulated on 8-bit kernels)")
+
+    @property
+    def scheme(self) -> Profile:
+        return PROFILES[self.profile]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
