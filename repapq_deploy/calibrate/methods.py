@@ -155,28 +155,39 @@ class CalibrationResult:
 
 
 @torch.no_grad()
-def _run(qm: QuantizedModel, data: torch.Tensor, batch_size: int, description: str) -> None:
+def _run(qm: QuantizedModel, data: torch.Tensor, batch_size: int, description: str, device: str) -> None:
     batches = range(0, len(data), batch_size)
     for i in track(batches, description, total=len(batches)):
-        qm.module(data[i:i + batch_size])
+        qm.module(data[i:i + batch_size].to(device))
 
 
-def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: int = 32) -> CalibrationResult:
-    """Set every scale of ``qm`` from ``data`` with ``method``; leaves ``qm`` in ``quant`` mode."""
+def resolve_device(device: str) -> str:
+    """Validate ``--device``."""
+    if device not in ("cpu", "cuda"):
+        raise DeployError(f"--device {device}: choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeployError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+    return device
+
+
+def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: int = 32,
+              device: str = "cpu") -> CalibrationResult:
+    """Set every scale of ``qm`` from ``data`` with ``method``; leaves ``qm`` in ``quant`` mode on the CPU."""
     if method not in METHODS:
         raise DeployError(f"--method {method}: unknown; choose one of {', '.join(METHODS)}")
     m = METHODS[method]
+    device = resolve_device(device)
     t0 = time.perf_counter()
-    qm.module.eval()
+    qm.module.eval().to(device)
     observers = {}
     for name, q in qm.act_quantizers.items():
         q.observer = observers[name] = HistogramObserver()
     qm.set_mode("observe")
-    _run(qm, data, batch_size, f"calibrate [{method}] ranges")
+    _run(qm, data, batch_size, f"calibrate [{method}] ranges", device)
     if m.needs_histogram:
         for obs in observers.values():
             obs.collect_histogram = True
-        _run(qm, data, batch_size, f"calibrate [{method}] histograms")
+        _run(qm, data, batch_size, f"calibrate [{method}] histograms", device)
     with torch.no_grad():
         for name, q in qm.act_quantizers.items():
             amax = m.activation_amax(observers[name], q.fmt) if observers[name].amax > 0 else 0.0
@@ -184,8 +195,9 @@ def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: i
             q.observer = None
         for layer in qm.weight_layers.values():
             wq = layer.weight_quantizer
-            w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+            w = layer.weight.detach().reshape(layer.weight.shape[0], -1).cpu()
             wq.scale.copy_(m.weight_amax(w, wq.fmt).clamp_min(_EPS) / wq.fmt.qmax)
+    qm.module.cpu()
     qm.set_mode("quant")
     return CalibrationResult(method, len(data), time.perf_counter() - t0,
                              len(qm.act_quantizers), len(qm.weight_layers))

@@ -30,7 +30,7 @@ class HistogramObserver:
         nonzero = a[a > 0]
         self.zeros += a.numel() - nonzero.numel()
         if self.amax > 0 and nonzero.numel():
-            self.hist += torch.histc(nonzero, BINS, 0.0, self.amax).double()
+            self.hist += torch.histc(nonzero, BINS, 0.0, self.amax).double().cpu()
 
     def bin_centers(self) -> torch.Tensor:
         width = self.amax / BINS

@@ -119,10 +119,45 @@ class WeightQuantizer(nn.Module):
         return q.to(torch.int8)
 
 
+class _BiasDQ(torch.autograd.Function):
+    """Export-only: int32 bias initializer with scale ``s_x * s_w`` (per channel), as ORT expects."""
+
+    @staticmethod
+    def forward(ctx, b_int, scale):
+        return b_int.float() * scale
+
+    @staticmethod
+    def symbolic(g, b_int, scale):
+        channels = b_int.type().sizes()[0]
+        zp = g.op("Constant", value_t=torch.zeros(channels, dtype=torch.int32))
+        return g.op("DequantizeLinear", b_int, scale, zp, axis_i=0)
+
+
+_INT32 = IntFormat(32, signed=True)
+
+
 class _QuantWeightMixin:
-    """Shared by conv and linear: the weight passes through a WeightQuantizer (or int8 + DQ on export)."""
+    """Shared by conv and linear: the weight passes through a WeightQuantizer (int8 + DQ on export),
+    and, where the profile asks for it, the bias is quantized to int32 on the ``s_x * s_w`` grid."""
 
     weight_quantizer: WeightQuantizer
+    # The ActQuantizer feeding this layer; a plain attribute (not a submodule) because it belongs
+    # to the graph. Set by placement when the profile quantizes biases.
+    input_quantizer: ActQuantizer | None = None
+
+    def attach_input_quantizer(self, quantizer: ActQuantizer) -> None:
+        """Quantize the bias on this quantizer's grid times the weight's (int32, ORT style)."""
+        object.__setattr__(self, "input_quantizer", quantizer)  # not a submodule: owned by the graph
+
+    def _bias_scale(self) -> torch.Tensor:
+        return self.input_quantizer.scale * self.weight_quantizer.scale
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        if self.bias is None or self.input_quantizer is None or not self.weight_quantizer.enabled:
+            return self.bias
+        if torch.onnx.is_in_onnx_export():
+            return _BiasDQ.apply(self.bias_int32, self.bias_scale)
+        return fake_quant(self.bias, self._bias_scale(), _INT32)
 
     def quantized_weight(self) -> torch.Tensor:
         wq = self.weight_quantizer
@@ -134,6 +169,11 @@ class _QuantWeightMixin:
         """Store the integer weights as a buffer; the exporter turns buffers into int8 initializers
         (an expression of the float weight would be traced as Div/Round/Clip/Cast nodes)."""
         self.register_buffer("weight_int8", self.weight_quantizer.integer(self.weight), persistent=False)
+        if self.bias is not None and self.input_quantizer is not None:
+            scale = self._bias_scale().detach()
+            q = torch.clamp(torch.round(self.bias.detach() / scale), _INT32.qmin, _INT32.qmax)
+            self.register_buffer("bias_int32", q.to(torch.int32), persistent=False)
+            self.register_buffer("bias_scale", scale, persistent=False)
 
 
 class QuantConv2d(nn.Conv2d, _QuantWeightMixin):
@@ -149,7 +189,7 @@ class QuantConv2d(nn.Conv2d, _QuantWeightMixin):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
 
 class QuantLinear(nn.Linear, _QuantWeightMixin):
@@ -164,4 +204,4 @@ class QuantLinear(nn.Linear, _QuantWeightMixin):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(x, self.quantized_weight(), self.quantized_bias())

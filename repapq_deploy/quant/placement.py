@@ -9,6 +9,7 @@ are implemented here once.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,7 +161,7 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
         raise DeployError(f"cannot trace the fused model with torch.fx ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:160]}); models with data-dependent control flow "
                           "are not supported") from exc
-    gm = fx.GraphModule(gm, gm.graph)  # own copy of the graph
+    gm = copy.deepcopy(gm)  # the fused model stays as it is
     modules = dict(gm.named_modules())
     graph = gm.graph
     profile = config.scheme
@@ -224,7 +225,10 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
         for pos in rule(node, profile):
             src = node.args[pos]
             if isinstance(src, fx.Node):
-                node.update_arg(pos, quantized(src, bits))
+                qn = quantized(src, bits)
+                node.update_arg(pos, qn)
+                if kind in ("conv", "linear") and profile.int32_bias:
+                    qm.weight_layers[node.target].attach_input_quantizer(modules[qn.target])
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

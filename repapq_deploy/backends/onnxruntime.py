@@ -1,0 +1,115 @@
+"""ONNX Runtime CPU backend: the engine is ORT's optimized graph, saved so it can be inspected."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from repapq_deploy.artifacts import atomic_path
+from repapq_deploy.backends.base import Backend, EngineInfo, Runner
+
+# Ops that run convolutions/matmuls in integer arithmetic, and their float counterparts.
+INTEGER_OPS = {"QLinearConv", "ConvInteger", "QGemm", "MatMulInteger", "QLinearMatMul",
+               "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "NhwcQLinearConv", "QAttention"}
+FLOAT_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NhwcFusedConv",
+             "NchwcConv", "ConvTranspose"}
+
+
+def count_ops(model: onnx.ModelProto) -> tuple[int, int, Counter]:
+    """(integer conv/gemm ops, float conv/gemm ops, all op counts) of a graph."""
+    ops = Counter(n.op_type for n in model.graph.node)
+    return (sum(ops[o] for o in INTEGER_OPS), sum(ops[o] for o in FLOAT_OPS), ops)
+
+
+class OrtRunner(Runner):
+    """An ``InferenceSession`` on the CPU execution provider."""
+
+    def __init__(self, path: Path, optimize: bool = True, threads: int = 0) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.optimize = optimize
+        self.threads = threads
+        self.session: ort.InferenceSession | None = None
+
+    def activate_impl(self) -> None:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = self.threads
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimize
+                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        self.session = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+class OnnxRuntimeBackend(Backend):
+    """Real INT8 kernels on the CPU: ORT fuses DQ -> Conv -> Q into QLinearConv (and QGemm...)."""
+
+    name = "onnxruntime"
+    engine_suffix = ".ort.onnx"
+
+    @classmethod
+    def available(cls) -> bool:
+        return "CPUExecutionProvider" in ort.get_available_providers()
+
+    def build(self, onnx_path: Path, engine_path: Path) -> EngineInfo:
+        with atomic_path(engine_path) as tmp:
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.optimized_model_filepath = str(tmp)
+            ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        return self._info(engine_path)
+
+    def _info(self, engine_path: Path) -> EngineInfo:
+        integer, floating, ops = count_ops(onnx.load(str(engine_path)))
+        total = integer + floating
+        notes = []
+        if floating:
+            notes.append(f"{floating} of {total} conv/gemm ops run in float: their Q/DQ did not fuse")
+        return EngineInfo(self.name, str(engine_path), integer, floating,
+                          integer / total if total else 0.0, dict(sorted(ops.items())), notes)
+
+    def runner(self, engine_path: Path) -> Runner:
+        return OrtRunner(engine_path, optimize=True)
+
+    def describe(self, engine_path: Path) -> dict:
+        return self._info(Path(engine_path)).to_dict()
+
+
+class OnnxRuntimeReferenceBackend(OnnxRuntimeBackend):
+    """ORT with all graph optimizations off: executes a QDQ graph exactly as written (float kernels
+    with Q/DQ in between). Used to verify a TensorRT-profile graph where TensorRT is absent."""
+
+    name = "onnxruntime-reference"
+    engine_suffix = ".ref.onnx"
+
+    def build(self, onnx_path: Path, engine_path: Path) -> EngineInfo:
+        with atomic_path(engine_path) as tmp:
+            shutil.copyfile(onnx_path, tmp)
+        return self._info(engine_path)
+
+    def _info(self, engine_path: Path) -> EngineInfo:
+        # The fraction here is of convs/gemms whose inputs are quantized in the graph: what an
+        # explicit-quantization backend (TensorRT) would run in INT8.
+        model = onnx.load(str(engine_path))
+        producers = {o: n.op_type for n in model.graph.node for o in n.output}
+        ops = Counter(n.op_type for n in model.graph.node)
+        weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+        quantized = sum(all(producers.get(i) == "DequantizeLinear" for i in n.input[:2]) for n in weighted)
+        notes = ["reference execution: float kernels between Q/DQ pairs; latency is not INT8 latency"]
+        return EngineInfo(self.name, str(engine_path), quantized, len(weighted) - quantized,
+                          quantized / len(weighted) if weighted else 0.0, dict(sorted(ops.items())), notes)
+
+    def runner(self, engine_path: Path) -> Runner:
+        return OrtRunner(engine_path, optimize=False)

@@ -1,0 +1,145 @@
+"""ONNX export of the FP32 and fake-quant models, graph clean-up, and the ORT-vs-PyTorch check.
+
+The fake-quant modules emit their own Q/DQ nodes during ``torch.onnx.export`` (TorchScript-based
+exporter, which honours ``autograd.Function.symbolic``), so the QDQ graph is the calibrated model
+itself. A clean-up pass with onnx-graphsurgeon then turns constants into initializers and merges
+``Relu -> Clip`` (INT6 emulation) into one ``Clip``, as DESIGN.md asks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+from repapq_deploy.artifacts import atomic_path
+from repapq_deploy.errors import DeployError
+from repapq_deploy.quant.placement import QuantizedModel
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
+
+def _export(module: nn.Module, sample: torch.Tensor, path: Path, opset: int) -> None:
+    if opset < MIN_OPSET:
+        raise DeployError(f"--opset {opset}: per-channel Q/DQ needs opset {MIN_OPSET} or newer")
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module, (sample[:1],), str(tmp), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          do_constant_folding=True)
+        model = _clean(onnx.load(str(tmp)))
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp))
+
+
+def _values(values) -> np.ndarray:
+    return np.asarray(values.load() if hasattr(values, "load") else values)
+
+
+def _constant_value(t: gs.Tensor) -> np.ndarray | None:
+    if isinstance(t, gs.Constant):
+        return _values(t.values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
+        return _values(t.inputs[0].attrs["value"].values)
+    return None
+
+
+def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    for node in [n for n in graph.nodes if n.op == "Clip"]:
+        src = node.inputs[0]
+        lo = _constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        if lo is None or len(src.inputs) != 1 or src.inputs[0].op != "Relu" or len(src.outputs) != 1:
+            continue
+        # Relu then Clip(lo <= 0, hi) == Clip(0, hi): one op, which TensorRT fuses into the conv.
+        relu = src.inputs[0]
+        node.inputs[0] = relu.inputs[0]
+        node.inputs[1] = gs.Constant(f"{node.name}_min", np.asarray(np.maximum(lo, 0), np.float32))
+        relu.outputs.clear()
+    for node in [n for n in graph.nodes if n.op == "Identity" and isinstance(n.inputs[0], gs.Constant)]:
+        # the exporter de-duplicates equal initializers through Identity nodes
+        out = node.outputs[0]
+        for consumer in list(out.outputs):
+            consumer.inputs[consumer.inputs.index(out)] = node.inputs[0]
+        node.outputs.clear()
+    for node in [n for n in graph.nodes if n.op == "Constant"]:
+        out = node.outputs[0]
+        const = gs.Constant(out.name, _values(node.attrs["value"].values))
+        for consumer in list(out.outputs):
+            consumer.inputs[consumer.inputs.index(out)] = const
+        node.outputs.clear()
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    return out
+
+
+def export_fp32(model: nn.Module, sample: torch.Tensor, path: str | Path, opset: int = 17) -> None:
+    """Export the fused FP32 model (the reference every speed/accuracy figure is compared with)."""
+    _export(model.eval(), sample, Path(path), opset)
+
+
+def export_qdq(qm: QuantizedModel, sample: torch.Tensor, path: str | Path, opset: int = 17) -> None:
+    """Export the calibrated model as a QDQ ONNX graph with int8 weight initializers."""
+    qm.module.eval()
+    qm.set_mode("quant")
+    qm.freeze_for_export()
+    _export(qm.module, sample, Path(path), opset)
+
+
+@dataclass
+class ExportCheck:
+    """ONNX Runtime (no graph optimizations) vs the PyTorch fake-quant model on the same samples."""
+
+    samples: int
+    agreement_top1: float  # percent
+    max_abs_diff: float
+    max_rel_diff: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reference_session(path: str | Path) -> ort.InferenceSession:
+    """ONNX Runtime with every graph optimization off: executes the graph exactly as written."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def check_against_torch(qm: QuantizedModel, path: str | Path, data: torch.Tensor,
+                        batch_size: int = 64) -> ExportCheck:
+    """Run ``path`` in ORT's reference mode and the fake-quant model on ``data``; compare logits."""
+    session = reference_session(path)
+    qm.set_mode("quant")
+    onnx_out, torch_out = [], []
+    for i in range(0, len(data), batch_size):
+        x = data[i:i + batch_size]
+        onnx_out.append(session.run(None, {INPUT_NAME: x.numpy()})[0])
+        torch_out.append(qm.module(x).numpy())
+    a, b = np.concatenate(onnx_out), np.concatenate(torch_out)
+    diff = float(np.abs(a - b).max())
+    return ExportCheck(len(data), float((a.argmax(1) == b.argmax(1)).mean() * 100), diff,
+                       diff / max(float(np.abs(b).max()), 1e-12))
+
+
+def graph_summary(path: str | Path) -> dict:
+    """Op counts and the opset of an ONNX file."""
+    model = onnx.load(str(path), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"opset": opset, "nodes": sum(ops.values()), "ops": dict(sorted(ops.items()))}

@@ -1,0 +1,424 @@
+"""The build pipeline: load+reparam -> calibrate -> export -> engine -> verify.
+
+Stages exchange files in the output folder (``fused.pt``, ``qstate.pt``, ONNX graphs, the engine,
+``report.json``) and are recorded in ``manifest.json``; a stage whose inputs and options are
+unchanged is skipped. Within one run, objects already in memory are reused.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from repapq_deploy.artifacts import atomic_path, sha256_path, write_json, write_text
+from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_backend
+from repapq_deploy.backends.onnxruntime import OrtRunner
+from repapq_deploy.calibrate import calibrate
+from repapq_deploy.data.loader import TENSOR_EXTENSIONS, Dataset, Preprocess, load_dataset, preprocess_from_timm
+from repapq_deploy.errors import DeployError
+from repapq_deploy.export import check_against_torch, export_fp32, export_qdq, graph_summary
+from repapq_deploy.load import LoadedModel, load_model
+from repapq_deploy.manifest import Manifest
+from repapq_deploy.progress import log
+from repapq_deploy.quant.placement import QuantizedModel, quantize_model
+from repapq_deploy.quant.scheme import QuantConfig
+from repapq_deploy.reparam import fuse_model
+from repapq_deploy.verify import accuracy_metrics, predict, render_markdown
+
+STAGES = ("reparam", "calibrate", "export", "engine", "verify")
+FUSED, QSTATE, FP32_ONNX, QDQ_ONNX = "fused.pt", "qstate.pt", "model.fp32.onnx", "model.qdq.onnx"
+REPORT_JSON, REPORT_MD, MANIFEST = "report.json", "report.md", "manifest.json"
+EXACTNESS_SAMPLES = 32
+
+
+@dataclass
+class BuildOptions:
+    """Every option of ``build`` (recorded in the report's ``config``)."""
+
+    model: str
+    arch: str | None = None
+    num_classes: int | None = None
+    in_chans: int | None = None
+    calib: str = "calib"
+    calib_count: int | None = 256
+    eval: str | None = None
+    eval_count: int | None = None
+    bits: int = 8
+    first_last_bits: int = 8
+    method: str = "percentile"
+    profile: str | None = None
+    backend: str = "auto"
+    out: str = "engines/build"
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 32
+    opset: int = 17
+    input_size: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    resize: int | None = None
+    trust_pickle: bool = False
+    force: bool = False
+    bench_seconds: float = 3.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def versions() -> dict:
+    """Versions of everything that influences the numbers."""
+    out = {"python": platform.python_version()}
+    for pkg in ("repapq-deploy", "torch", "torchvision", "timm", "onnx", "onnxruntime", "onnx-graphsurgeon",
+                "numpy"):
+        try:
+            out[pkg.replace("-", "_")] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg.replace("-", "_")] = None
+    return out
+
+
+@functools.cache
+def code_hash() -> str:
+    """Hash of this package's source files."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def hardware() -> dict:
+    """The machine the latency figures come from."""
+    cpu = platform.processor() or platform.machine()
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")) or f == "vnni"]
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": sorted(set(flags)), "machine": platform.machine()}
+
+
+class Build:
+    """One build folder: runs the stages in order, skipping those already up to date."""
+
+    def __init__(self, opts: BuildOptions) -> None:
+        self.opts = opts
+        self.out = Path(opts.out)
+        self._check_out_dir()
+        self.engine_backend, self.profile = resolve_backend(opts.backend, opts.profile)
+        self.qconfig = QuantConfig(self.profile, opts.bits, opts.first_last_bits)
+        self.manifest = Manifest(self.out / MANIFEST, versions())
+        self.results: dict[str, dict] = {}
+        self._fused: torch.nn.Module | None = None
+        self._qm: QuantizedModel | None = None
+        self._preprocess: Preprocess | None = None
+        self.warnings: list[str] = []
+
+    def _check_out_dir(self) -> None:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DeployError(f"--out {self.out}: cannot create it ({exc.strerror}); pass a writable folder") from exc
+        if not os.access(self.out, os.W_OK):
+            raise DeployError(f"--out {self.out}: not writable; pass a writable folder")
+
+    # --- inputs ---------------------------------------------------------------------------------------
+
+    def _data_hash(self, path: str | None) -> str:
+        if path is None:
+            return "none"
+        p = Path(path)
+        if not p.exists():
+            option = "--calib" if path == self.opts.calib else "--eval"
+            raise DeployError(f"{option} {path}: not found; pass a folder of images or a .npz/.npy/.pt file")
+        return sha256_path(p)
+
+    @cached_property
+    def model_hash(self) -> str:
+        return self._data_hash_model()
+
+    def _data_hash_model(self) -> str:
+        p = Path(self.opts.model)
+        if not p.is_file():
+            raise DeployError(f"{p}: model file not found; pass the path to a .pt/.pth/.safetensors/.pt2 file")
+        return sha256_path(p)
+
+    @cached_property
+    def calib_hash(self) -> str:
+        return self._data_hash(self.opts.calib)
+
+    @cached_property
+    def eval_hash(self) -> str:
+        return self._data_hash(self.opts.eval) if self.opts.eval else self.calib_hash
+
+    def _fallback_preprocess(self) -> Preprocess:
+        """Input format for models without a timm data config (TorchScript, export, pickles)."""
+        size = self.opts.input_size
+        if size is None and Path(self.opts.calib).suffix in TENSOR_EXTENSIONS and Path(self.opts.calib).is_file():
+            size = _peek_shape(Path(self.opts.calib))
+        size = tuple(size or (3, 224, 224))
+        c = size[0]
+        mean = self.opts.mean or ((0.485, 0.456, 0.406) if c == 3 else (0.5,) * c)
+        std = self.opts.std or ((0.229, 0.224, 0.225) if c == 3 else (0.5,) * c)
+        return Preprocess(size, tuple(mean) * (c if len(mean) == 1 else 1),
+                          tuple(std) * (c if len(std) == 1 else 1), self.opts.resize)
+
+    def _preprocess_for(self, loaded: LoadedModel) -> Preprocess:
+        if loaded.arch is None or not hasattr(loaded.module, "pretrained_cfg"):
+            return self._fallback_preprocess()
+        meta = loaded.metadata
+        size = self.opts.input_size
+        if size is None and "input_size" in meta:
+            size = tuple(int(v) for v in str(meta["input_size"]).split(","))
+        if size is None and loaded.in_chans and loaded.in_chans != 3:
+            _, h, w = loaded.module.pretrained_cfg.get("input_size", (3, 224, 224))
+            size = (loaded.in_chans, h, w)
+        mean = self.opts.mean or (tuple(json.loads(meta["mean"])) if "mean" in meta else None)
+        std = self.opts.std or (tuple(json.loads(meta["std"])) if "std" in meta else None)
+        return preprocess_from_timm(loaded.module, input_size=size, mean=mean, std=std, resize=self.opts.resize)
+
+    def dataset(self, which: str, preprocess: Preprocess) -> Dataset:
+        o = self.opts
+        if which == "calib":
+            return load_dataset(o.calib, preprocess=preprocess, count=o.calib_count, seed=o.seed, option="--calib")
+        path = o.eval or o.calib
+        option = "--eval" if o.eval else "--calib"
+        labelled = bool(o.eval)
+        return load_dataset(path, preprocess=preprocess, count=o.eval_count, labelled=labelled,
+                            num_classes=self.results["reparam"]["load"]["num_classes"], seed=o.seed,
+                            option=option)
+
+    @cached_property
+    def calib_data(self) -> Dataset:
+        return self.dataset("calib", self.preprocess)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        if self._preprocess is None:
+            self._preprocess = Preprocess(**self.results["reparam"]["preprocess"])
+        return self._preprocess
+
+    # --- stage machinery --------------------------------------------------------------------------------
+
+    def _stage(self, name: str, inputs: dict[str, str], options: dict, outputs: list[str], fn) -> dict:
+        inputs = {**inputs, "code": code_hash()}  # a different tool version re-runs every stage
+        if not self.opts.force:
+            cached = self.manifest.up_to_date(name, inputs, options)
+            if cached is not None:
+                log(f"[dim]{name}: up to date, skipped[/dim]")
+                self.results[name] = cached
+                return cached
+        log(f"[bold]{name}[/bold] ...")
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except Exception:
+            self.manifest.record(name, inputs, options, [], {}, time.perf_counter() - t0, status="failed")
+            raise
+        seconds = time.perf_counter() - t0
+        self.manifest.record(name, inputs, options, outputs, result, seconds)
+        self.results[name] = json.loads(json.dumps(result, default=str))
+        log(f"{name}: done in {seconds:.1f} s")
+        return self.results[name]
+
+    def _hash(self, stage: str, name: str) -> str:
+        return self.manifest.output_hash(stage, name)
+
+    # --- stages -----------------------------------------------------------------------------------------
+
+    def reparam(self) -> dict:
+        o = self.opts
+        options = {k: getattr(o, k) for k in ("arch", "num_classes", "in_chans", "trust_pickle", "input_size",
+                                               "mean", "std", "resize", "seed")}
+        inputs = {"model": self.model_hash, "calib": self.calib_hash}
+        return self._stage("reparam", inputs, options, [FUSED], self._run_reparam)
+
+    def _run_reparam(self) -> dict:
+        o = self.opts
+        example = None
+        if Path(o.model).is_file() and _is_torchscript(Path(o.model)):
+            example = self.dataset("calib", self._fallback_preprocess()).x
+        loaded = load_model(o.model, arch=o.arch, num_classes=o.num_classes, in_chans=o.in_chans,
+                            trust_pickle=o.trust_pickle, example_input=example)
+        self._preprocess = self._preprocess_for(loaded)
+        samples = self.calib_data.x[:EXACTNESS_SAMPLES]
+        fused, report = fuse_model(loaded.module, samples)
+        num_classes = loaded.num_classes
+        if num_classes is None:
+            with torch.no_grad():
+                num_classes = int(fused(samples[:1]).shape[1])
+        with atomic_path(self.out / FUSED) as tmp:
+            torch.save(fused, tmp)
+        self._fused = fused
+        log(f"  fused {sum(report.blocks_fused.values())} blocks, folded {report.bn_folded} BN, "
+            f"merged {report.branches_merged} branches; max relative error {report.max_rel_error:.1e}")
+        return {"load": {**loaded.describe(), "num_classes": num_classes},
+                "preprocess": self._preprocess.to_dict(), **report.to_dict()}
+
+    @property
+    def fused(self) -> torch.nn.Module:
+        if self._fused is None:
+            # Our own artifact, whose hash the manifest just verified: safe to unpickle.
+            self._fused = torch.load(self.out / FUSED, map_location="cpu", weights_only=False).eval()
+        return self._fused
+
+    def calibrate(self) -> dict:
+        o = self.opts
+        options = {"method": o.method, **self.qconfig.to_dict(), "calib_count": o.calib_count, "seed": o.seed,
+                   "device": o.device, "batch_size": o.batch_size}
+        inputs = {"fused": self._hash("reparam", FUSED), "calib": self.calib_hash}
+        return self._stage("calibrate", inputs, options, [QSTATE], self._run_calibrate)
+
+    def _run_calibrate(self) -> dict:
+        o = self.opts
+        torch.manual_seed(o.seed)
+        qm = quantize_model(self.fused, self.qconfig)
+        result = calibrate(qm, self.calib_data.x, o.method, o.batch_size, device=o.device)
+        with atomic_path(self.out / QSTATE) as tmp:
+            torch.save({"scales": qm.scales(), "config": self.qconfig.to_dict(), "method": o.method}, tmp)
+        self._qm = qm
+        return result.to_dict()
+
+    @property
+    def qmodel(self) -> QuantizedModel:
+        if self._qm is None:
+            state = torch.load(self.out / QSTATE, map_location="cpu", weights_only=True)
+            qm = quantize_model(self.fused, QuantConfig(**state["config"]))
+            qm.load_scales(state["scales"])
+            qm.set_mode("quant")
+            self._qm = qm
+        return self._qm
+
+    def export(self) -> dict:
+        inputs = {"fused": self._hash("reparam", FUSED), "qstate": self._hash("calibrate", QSTATE),
+                  "calib": self.calib_hash}
+        return self._stage("export", inputs, {"opset": self.opts.opset}, [FP32_ONNX, QDQ_ONNX], self._run_export)
+
+    def _run_export(self) -> dict:
+        x = self.calib_data.x
+        export_fp32(self.fused, x, self.out / FP32_ONNX, self.opts.opset)
+        export_qdq(self.qmodel, x, self.out / QDQ_ONNX, self.opts.opset)
+        check = check_against_torch(self.qmodel, self.out / QDQ_ONNX, x)
+        if check.agreement_top1 < 100.0:
+            self.warnings.append(f"ONNX Runtime reference and PyTorch fake-quant agree on only "
+                                 f"{check.agreement_top1:.2f} % of calibration samples")
+        log(f"  ORT reference vs PyTorch fake-quant: agreement {check.agreement_top1:.2f} %, "
+            f"max abs diff {check.max_abs_diff:.3g}")
+        return {"check": check.to_dict(), "fp32_graph": graph_summary(self.out / FP32_ONNX),
+                "qdq_graph": graph_summary(self.out / QDQ_ONNX)}
+
+    @property
+    def engine_file(self) -> str:
+        return "model" + get_backend(self.engine_backend).engine_suffix
+
+    def engine(self) -> dict:
+        inputs = {"qdq": self._hash("export", QDQ_ONNX)}
+        return self._stage("engine", inputs, {"backend": self.engine_backend}, [self.engine_file],
+                           self._run_engine)
+
+    def _run_engine(self) -> dict:
+        info = get_backend(self.engine_backend).build(self.out / QDQ_ONNX, self.out / self.engine_file)
+        info.path = self.engine_file
+        return info.to_dict()
+
+    def verify(self) -> dict:
+        o = self.opts
+        inputs = {"engine": self._hash("engine", self.engine_file), "fp32": self._hash("export", FP32_ONNX),
+                  "fused": self._hash("reparam", FUSED), "qstate": self._hash("calibrate", QSTATE),
+                  "eval": self.eval_hash}
+        options = {"eval_count": o.eval_count, "bench_seconds": o.bench_seconds, "seed": o.seed}
+        return self._stage("verify", inputs, options, [REPORT_JSON, REPORT_MD], self._run_verify)
+
+    def _run_verify(self) -> dict:
+        data = self.dataset("eval", self.preprocess)
+        labels = data.y.numpy() if data.y is not None else None
+        with torch.no_grad():
+            fp32 = predict(lambda a: self.fused(torch.from_numpy(a)).numpy(), data.x, "verify: FP32 PyTorch")
+            fq = predict(lambda a: self.qmodel.module(torch.from_numpy(a)).numpy(), data.x,
+                         "verify: fake-quant PyTorch")
+        backend = get_backend(self.engine_backend)
+        with backend.runner(self.out / self.engine_file) as runner:
+            eng = predict(runner.infer, data.x, f"verify: engine ({backend.name})")
+        accuracy = accuracy_metrics(fp32, fq, eng, labels)
+        latency = self._latency(backend)
+        engine = dict(self.results["engine"])
+        if engine["int8_op_fraction"] < 1.0:
+            self.warnings.append(f"only {engine['int8_op_fraction']:.0%} of conv/gemm ops run in integer "
+                                 f"kernels in the {engine['backend']} engine")
+        report = {
+            "accuracy": accuracy,
+            "engine": engine,
+            "latency_ms": latency,
+            "calibration": self.results["calibrate"],
+            "reparam": self.results["reparam"],
+            "export": self.results["export"],
+            "data": {"calib": self.opts.calib, "eval": self.opts.eval or self.opts.calib},
+            "config": {**self.opts.to_dict(), "profile": self.profile, "engine_backend": self.engine_backend},
+            "versions": versions(),
+            "hardware": hardware(),
+            "warnings": self.warnings,
+        }
+        write_json(self.out / REPORT_JSON, report)
+        write_text(self.out / REPORT_MD, render_markdown(report))
+        return report
+
+    def _latency(self, backend) -> dict:
+        x = self.calib_data.x.numpy()
+        out: dict = {"fp32": {}, "engine": {}, "details": {}}
+        for bs in (1, 32):
+            batch = np.ascontiguousarray(np.resize(x, (bs,) + x.shape[1:]))
+            runners = {"fp32": OrtRunner(self.out / FP32_ONNX), "engine": backend.runner(self.out / self.engine_file)}
+            stats = benchmark_interleaved(runners, batch, seconds=self.opts.bench_seconds,
+                                          description="verify: latency")
+            for name, s in stats.items():
+                out[name][f"bs{bs}"] = s.p50_ms
+                out["details"][f"{name}_bs{bs}"] = s.to_dict()
+            for r in runners.values():
+                r.deactivate()
+        out["speedup"] = {bs: out["fp32"][bs] / out["engine"][bs] for bs in ("bs1", "bs32")}
+        return out
+
+    def run(self, until: str = "verify") -> dict:
+        """Run the stages up to and including ``until``; returns that stage's result."""
+        if until not in STAGES:
+            raise DeployError(f"unknown stage {until}; stages are {', '.join(STAGES)}")
+        result: dict = {}
+        for stage in STAGES[:STAGES.index(until) + 1]:
+            result = getattr(self, stage)()
+        return result
+
+
+def _peek_shape(path: Path) -> tuple[int, ...] | None:
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                return tuple(z["x"].shape[1:]) if "x" in z else None
+        if path.suffix == ".npy":
+            return tuple(np.load(path, mmap_mode="r").shape[1:])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+
+    return zipfile.is_zipfile(path) and any("/code/__torch__" in n for n in zipfile.ZipFile(path).namelist())
