@@ -43,7 +43,8 @@ def build_options(fn):
     options = [
         click.argument("model", type=click.Path(dir_okay=False)),
         click.option("--arch", help="timm model name for state dicts (e.g. repvgg_a0, mobileone_s0)."),
-        click.option("--num-classes", type=click.IntRange(min=1), help="Classifier size (default: from the checkpoint)."),
+        click.option("--num-classes", type=click.IntRange(min=1),
+                     help="Classifier size (default: from the checkpoint)."),
         click.option("--in-chans", type=click.IntRange(min=1), help="Input channels (default: from the checkpoint)."),
         click.option("--calib", default="calib", show_default=True,
                      help="Calibration data: image folder, or .npz/.npy/.pt of preprocessed N,C,H,W tensors."),
@@ -160,13 +161,15 @@ def _stage_command(stage: str, doc: str) -> None:
     main.command(name=stage)(command)
 
 
-for _stage, _doc in zip(STAGES, (
-        "Load MODEL and fuse it to a single-branch network (fused.pt), checking exactness.",
-        "Run the stages up to calibration (qstate.pt).",
-        "Run the stages up to ONNX export (model.fp32.onnx, model.qdq.onnx) and check it.",
-        "Run the stages up to the engine build.",
-        "Run every stage and write report.json / report.md (same as build).")):
-    _stage_command(_stage, _doc)
+STAGE_HELP = {
+    "reparam": "Load MODEL and fuse it to a single-branch network (fused.pt), checking exactness.",
+    "calibrate": "Run the stages up to calibration (qstate.pt).",
+    "export": "Run the stages up to ONNX export (model.fp32.onnx, model.qdq.onnx) and check it.",
+    "engine": "Run the stages up to the engine build.",
+    "verify": "Run every stage and write report.json / report.md (same as build).",
+}
+for _stage in STAGES:
+    _stage_command(_stage, STAGE_HELP[_stage])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,13 @@ from repapq_deploy.artifacts import atomic_path, sha256_path, write_json, write_
 from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_backend
 from repapq_deploy.backends.onnxruntime import OrtRunner
 from repapq_deploy.calibrate import calibrate
-from repapq_deploy.data.loader import TENSOR_EXTENSIONS, Dataset, Preprocess, load_dataset, preprocess_from_timm
+from repapq_deploy.data.loader import (
+    TENSOR_EXTENSIONS,
+    Dataset,
+    Preprocess,
+    load_dataset,
+    preprocess_from_timm,
+)
 from repapq_deploy.errors import DeployError
 from repapq_deploy.export import check_against_torch, export_fp32, export_qdq, graph_summary
 from repapq_deploy.load import LoadedModel, load_model

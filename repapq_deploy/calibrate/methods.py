@@ -50,8 +50,8 @@ class Percentile(RangeMethod):
         counts = torch.cat([torch.tensor([float(obs.zeros)], dtype=torch.float64), obs.hist])
         cdf = torch.cumsum(counts, 0) / counts.sum()
         idx = int(torch.searchsorted(cdf, torch.tensor(self.percentile / 100, dtype=torch.float64)))
-        edges = torch.cat([torch.zeros(1, dtype=torch.float64), (torch.arange(1, len(counts)) * obs.amax / len(obs.hist))])
-        return float(edges[min(idx, len(edges) - 1)]) or obs.amax
+        # counts[0] holds the exact zeros; counts[j] is the bin whose upper edge is j * width
+        return float(min(idx, len(obs.hist)) * obs.amax / len(obs.hist)) or obs.amax
 
 
 class Entropy(RangeMethod):

@@ -168,15 +168,18 @@ def merge_branches(gm: fx.GraphModule) -> int:
                 continue
             main = max(convs, key=lambda c: c.kernel_size[0] * c.kernel_size[1])
             if not all(c.stride == main.stride and c.dilation == (1, 1) and
-                       all(2 * p == k - 1 for p, k in zip(c.padding, c.kernel_size)) for c in convs):
+                       all(2 * p == k - 1 for p, k in zip(c.padding, c.kernel_size, strict=True)) for c in convs):
+                continue
+            identity = any(c is None for _, c in branches)
+            if identity and (main.stride != (1, 1) or main.in_channels != main.out_channels):
                 continue
             source = branches[0][0]
             groups = main.groups
             k = main.kernel_size
             weight = torch.zeros_like(main.weight)
             bias = torch.zeros(main.out_channels)
-            for src, conv in branches:
-                if conv is None:  # identity: src is the input itself
+            for _, conv in branches:
+                if conv is None:  # identity branch
                     conv = nn.Conv2d(main.out_channels, main.out_channels, 1, groups=main.out_channels, bias=False)
                     with torch.no_grad():
                         conv.weight.fill_(1.0)
