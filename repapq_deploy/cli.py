@@ -63,7 +63,7 @@ def build_options(fn):
                      help="Quantization scheme (default: the backend's)."),
         click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
                      show_default=True, help="Engine backend; auto = TensorRT if usable here, else ONNX Runtime."),
-        click.option("--out", default="engines/build", show_default=True, help="Output folder."),
+        click.option("--out", help="Output folder (default: engines/<model file name>)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                      help="Where calibration runs."),
@@ -92,11 +92,12 @@ def _run(until: str, kwargs: dict) -> None:
     kwargs["first_last_bits"] = int(kwargs["first_last_bits"])
     if kwargs["bits"] == 8:
         kwargs["first_last_bits"] = 8
-    result = Build(BuildOptions(**kwargs)).run(until)
+    build = Build(BuildOptions(**kwargs))
+    result = build.run(until)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     elif until == "verify":
-        _summary(result, kwargs["out"])
+        _summary(result, build.out)
 
 
 def _summary(report: dict, out: str) -> None:

@@ -65,7 +65,7 @@ class BuildOptions:
     method: str = "percentile"
     profile: str | None = None
     backend: str = "auto"
-    out: str = "engines/build"
+    out: str | None = None  # default: engines/<model file stem>
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 32
@@ -126,6 +126,8 @@ class Build:
     """One build folder: runs the stages in order, skipping those already up to date."""
 
     def __init__(self, opts: BuildOptions) -> None:
+        if opts.out is None:
+            opts.out = str(Path("engines") / Path(opts.model).name.split(".")[0])
         self.opts = opts
         self.out = Path(opts.out)
         self._check_out_dir()

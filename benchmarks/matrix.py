@@ -1,0 +1,98 @@
+"""Every baseline method x bit width x profile on reference models trained on Fashion-MNIST.
+
+    python benchmarks/matrix.py [--archs repvgg_a0,mobileone_s0] [--methods ...] [--out benchmarks/results]
+
+Trains each reference model once (``examples/fashion_mnist/train.py``; cached under
+``~/.cache/repapq-deploy/fmnist/<arch>/``), writes the full 10 000-image test set as the
+evaluation file, then runs ``repapq-deploy build`` for every combination and collects the
+reports. Prints a table and writes ``matrix.json`` and ``matrix.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from repapq_deploy.data import fashion_mnist as fm
+from repapq_deploy.pipeline import Build, BuildOptions, hardware
+
+CACHE = Path.home() / ".cache" / "repapq-deploy" / "fmnist"
+EPOCHS = {"repvgg_a0": 10, "mobileone_s0": 4}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_model(arch: str) -> Path:
+    """Train ``arch`` unless a cached checkpoint exists; return its folder."""
+    folder = CACHE / arch
+    if not (folder / "model.safetensors").exists():
+        subprocess.run([sys.executable, str(ROOT / "examples/fashion_mnist/train.py"), "--arch", arch,
+                        "--epochs", str(EPOCHS.get(arch, 8)), "--out", str(folder)], check=True)
+    return folder
+
+
+def ensure_test_set() -> Path:
+    path = CACHE / "test10k.npz"
+    if not path.exists():
+        x, y = fm.load_raw("test")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x=fm.to_model_input(x), y=y)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", default="repvgg_a0,mobileone_s0")
+    ap.add_argument("--methods", default="minmax,percentile,entropy,mse,mae")
+    ap.add_argument("--bits", default="8,6")
+    ap.add_argument("--profiles", default="onnxruntime,tensorrt")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    test = ensure_test_set()
+    rows = []
+    for arch in args.archs.split(","):
+        folder = ensure_model(arch)
+        combos = itertools.product(args.profiles.split(","), [int(b) for b in args.bits.split(",")],
+                                   args.methods.split(","))
+        for profile, bits, method in combos:
+            out = CACHE / "builds" / f"{arch}-{profile}-w{bits}-{method}"
+            opts = BuildOptions(model=str(folder / "model.safetensors"), calib=str(folder / "calib.npz"),
+                                eval=str(test), bits=bits, method=method, profile=profile,
+                                backend="onnxruntime", out=str(out), bench_seconds=1.0)
+            r = Build(opts).run()
+            acc = r["accuracy"]
+            rows.append({"arch": arch, "profile": profile, "bits": bits, "method": method,
+                         "fp32": acc["fp32"]["top1"], "fake_quant": acc["fake_quant"]["top1"],
+                         "engine": acc["engine"]["top1"], "agreement": acc["agreement_top1"],
+                         "cosine": acc["cosine"], "engine_backend": r["engine"]["backend"],
+                         "int8_op_fraction": r["engine"]["int8_op_fraction"],
+                         "export_agreement": r["export"]["check"]["agreement_top1"],
+                         "export_max_abs_diff": r["export"]["check"]["max_abs_diff"],
+                         "fuse_max_rel_error": r["reparam"]["max_rel_error"],
+                         "calib_seconds": r["calibration"]["seconds"], "calib_images": r["calibration"]["images"]})
+    table = Table(title="repapq-deploy build matrix (Fashion-MNIST test set, 10 000 images)")
+    cols = ["arch", "profile", "bits", "method", "fp32", "engine", "agreement", "int8_op_fraction",
+            "export_agreement", "fuse_max_rel_error"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    Console().print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "matrix.json").write_text(json.dumps({"rows": rows, "hardware": hardware()}, indent=2) + "\n")
+    md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+           for r in rows]
+    (args.out / "matrix.md").write_text("\n".join(md) + "\n")
+    print(f"wrote {args.out}/matrix.json and matrix.md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
