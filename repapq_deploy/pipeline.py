@@ -87,7 +87,7 @@ def versions() -> dict:
     """Versions of everything that influences the numbers."""
     out = {"python": platform.python_version()}
     for pkg in ("repapq-deploy", "torch", "torchvision", "timm", "onnx", "onnxruntime", "onnx-graphsurgeon",
-                "numpy"):
+                "polygraphy", "numpy"):
         try:
             out[pkg.replace("-", "_")] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

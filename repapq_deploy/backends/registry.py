@@ -33,14 +33,15 @@ def get_backend(name: str) -> Backend:
 def resolve_backend(backend: str, profile: str | None) -> tuple[str, str]:
     """Turn ``--backend``/``--profile`` into (engine backend name, quantization profile).
 
-    ``auto`` picks TensorRT when it is importable and a GPU is present, else ONNX Runtime. The
+    ``auto`` picks TensorRT when this version has its engine builder, TensorRT is importable and a
+    GPU is present, else ONNX Runtime. The
     profile defaults to the backend's. A TensorRT-profile graph without TensorRT is verified by
     ONNX Runtime's reference execution instead of failing.
     """
     if backend not in ("auto", "onnxruntime", "tensorrt"):
         raise DeployError(f"--backend {backend}: choose auto, onnxruntime or tensorrt")
     if backend == "auto":
-        backend = "tensorrt" if tensorrt_present() else "onnxruntime"
+        backend = "tensorrt" if "tensorrt" in BACKENDS and tensorrt_present() else "onnxruntime"
     profile = profile or backend
     if backend == "tensorrt":
         if not tensorrt_present():

@@ -44,7 +44,8 @@ class FuseReport:
     samples: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # FLOPs counted as 2 x multiply-accumulates of convs and linears
+        return {**asdict(self), "flops_before": 2 * self.macs_before, "flops_after": 2 * self.macs_after}
 
 
 def _call_block_fusers(model: nn.Module) -> dict[str, int]:

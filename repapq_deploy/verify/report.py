@@ -95,8 +95,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"- blocks fused: {fuse['blocks_fused'] or 'none'}; BatchNorm folded: {fuse['bn_folded']}; "
         f"branches merged on the graph: {fuse['branches_merged']}",
-        f"- parameters {fuse['params_before']:,} -> {fuse['params_after']:,}; MACs/image "
-        f"{fuse['macs_before']:,} -> {fuse['macs_after']:,}",
+        f"- parameters {fuse['params_before']:,} -> {fuse['params_after']:,}; FLOPs/image "
+        f"{fuse['flops_before']:,} -> {fuse['flops_after']:,} (2 x MACs of convs and linears)",
         f"- exactness on {fuse['samples']} samples: max relative error {fuse['max_rel_error']:.2e} "
         f"(limit 1e-4)",
         "",
