@@ -12,6 +12,7 @@ import json
 import sys
 
 import click
+from rich.markup import escape
 
 from repapq_deploy import __version__
 from repapq_deploy.calibrate import METHODS
@@ -132,7 +133,7 @@ def _guard(fn):
         try:
             return fn(*args, **kwargs)
         except DeployError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
     return wrapper

@@ -9,7 +9,7 @@ modules (YOLOv6's ``{'model': module}``) only with ``--trust-pickle``.
 from __future__ import annotations
 
 import operator
-import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -55,8 +55,8 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
         raise DeployError(f"{path}: model file not found; pass the path to a .pt/.pth/.safetensors/.pt2 file")
     if path.suffix == ".safetensors":
         return _from_state_dict(path, *_read_safetensors(path), arch, num_classes, in_chans, "safetensors")
-    if zipfile.is_zipfile(path):
-        names = zipfile.ZipFile(path).namelist()
+    names = zip_names(path)
+    if names:
         if any("/code/__torch__" in n for n in names):
             return _from_torchscript(path, example_input)
         if any(n.endswith("/archive_format") for n in names):
@@ -76,6 +76,17 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
                       "save model.state_dict() with torch.save")
 
 
+def zip_names(path: Path) -> list[str]:
+    """Member names of a zip archive (TorchScript, torch.export, torch.save); [] for other files."""
+    if not zipfile.is_zipfile(path):
+        return []
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise DeployError(f"{path}: damaged zip archive ({exc}); is the file truncated or corrupt?") from exc
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -88,18 +99,21 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise DeployError(f"{path}: not a readable safetensors file ({exc}); is it truncated?") from exc
 
 
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except Exception as exc:  # torch's weights-only unpickler raises many types on foreign files
+        found = _GLOBAL.search(str(exc))
+        if not found:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+            raise DeployError(f"{path}: not a readable PyTorch checkpoint ({first}); is it truncated, "
+                              "a Git LFS pointer, or another format?") from exc
         if not trust_pickle:
-            what = str(exc).split("Unsupported global: ")[-1].split(" ")[0] if "Unsupported global" in str(exc) \
-                else "Python objects"
-            raise DeployError(f"{path}: refused to unpickle {what} (unpickling runs arbitrary code); "
+            raise DeployError(f"{path}: refused to unpickle {found.group(1)} (unpickling runs arbitrary code); "
                               "pass --trust-pickle if you trust this file, or save a state dict") from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise DeployError(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:120]}); "
-                          "is it truncated or another format?") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # arbitrary pickled code may raise anything

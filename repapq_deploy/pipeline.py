@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from repapq_deploy.artifacts import atomic_path, sha256_path, write_json, write_text
+from repapq_deploy.artifacts import save_torch, sha256_path, write_json, write_text
 from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_backend
 from repapq_deploy.backends.onnxruntime import OrtRunner
 from repapq_deploy.calibrate import calibrate
@@ -34,7 +34,7 @@ from repapq_deploy.data.loader import (
 )
 from repapq_deploy.errors import DeployError
 from repapq_deploy.export import check_against_torch, export_fp32, export_qdq, graph_summary
-from repapq_deploy.load import LoadedModel, load_model
+from repapq_deploy.load import LoadedModel, load_model, zip_names
 from repapq_deploy.manifest import Manifest
 from repapq_deploy.progress import log
 from repapq_deploy.quant.placement import QuantizedModel, quantize_model
@@ -273,8 +273,7 @@ class Build:
         if num_classes is None:
             with torch.no_grad():
                 num_classes = int(fused(samples[:1]).shape[1])
-        with atomic_path(self.out / FUSED) as tmp:
-            torch.save(fused, tmp)
+        save_torch(fused, self.out / FUSED)
         self._fused = fused
         log(f"  fused {sum(report.blocks_fused.values())} blocks, folded {report.bn_folded} BN, "
             f"merged {report.branches_merged} branches; max relative error {report.max_rel_error:.1e}")
@@ -300,8 +299,7 @@ class Build:
         torch.manual_seed(o.seed)
         qm = quantize_model(self.fused, self.qconfig)
         result = calibrate(qm, self.calib_data.x, o.method, o.batch_size, device=o.device)
-        with atomic_path(self.out / QSTATE) as tmp:
-            torch.save({"scales": qm.scales(), "config": self.qconfig.to_dict(), "method": o.method}, tmp)
+        save_torch({"scales": qm.scales(), "config": self.qconfig.to_dict(), "method": o.method}, self.out / QSTATE)
         self._qm = qm
         return result.to_dict()
 
@@ -427,6 +425,4 @@ def _peek_shape(path: Path) -> tuple[int, ...] | None:
 
 
 def _is_torchscript(path: Path) -> bool:
-    import zipfile
-
-    return zipfile.is_zipfile(path) and any("/code/__torch__" in n for n in zipfile.ZipFile(path).namelist())
+    return any("/code/__torch__" in n for n in zip_names(path))

@@ -34,18 +34,27 @@ def _zero_point(g, signed: bool, channels: int | None = None):
 
 
 class _ActQDQ(torch.autograd.Function):
-    """Export-only: per-tensor activation Q/DQ (+ Clip when the grid is emulated)."""
+    """Export-only: per-tensor activation Q/DQ, plus a Clip when the grid is narrower than int8.
+
+    ``clip`` is ``"float"`` (Clip before Q: TensorRT fuses it into the producing conv), ``"integer"``
+    (Clip on the integer tensor between Q and DQ: ONNX Runtime still fuses DQ-Conv-Q into
+    QLinearConv around it) or ``"none"``. All three compute ``clamp(round(x / s), qmin, qmax) * s``.
+    """
 
     @staticmethod
-    def forward(ctx, x, scale, lo, hi, qmin: int, qmax: int, signed: bool, clip: bool):  # noqa: ARG004
+    def forward(ctx, x, scale, lo, hi, qmin: int, qmax: int, signed: bool, clip: str):  # noqa: ARG004
         return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
 
     @staticmethod
-    def symbolic(g, x, scale, lo, hi, qmin, qmax, signed, clip):  # noqa: ARG004
-        if clip:
+    def symbolic(g, x, scale, lo, hi, qmin, qmax, signed, clip):
+        if clip == "float":
             x = g.op("Clip", x, lo, hi)
         zp = _zero_point(g, signed)
         q = g.op("QuantizeLinear", x, scale, zp)
+        if clip == "integer":
+            dtype = torch.int8 if signed else torch.uint8
+            q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
+                     g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype)))
         return g.op("DequantizeLinear", q, scale, zp)
 
 
@@ -70,10 +79,11 @@ class ActQuantizer(nn.Module):
     statistics), ``quant`` fake-quantizes, ``off`` passes through.
     """
 
-    def __init__(self, fmt: IntFormat, nonnegative: bool) -> None:
+    def __init__(self, fmt: IntFormat, nonnegative: bool, integer_clip: bool = False) -> None:
         super().__init__()
         self.fmt = fmt
         self.nonnegative = nonnegative
+        self.integer_clip = integer_clip
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
         self.mode = "off"
         self.observer = None
@@ -87,8 +97,8 @@ class ActQuantizer(nn.Module):
         if torch.onnx.is_in_onnx_export():
             lo = self.scale.detach() * self.fmt.qmin
             hi = self.scale.detach() * self.fmt.qmax
-            return _ActQDQ.apply(x, self.scale.detach(), lo, hi, self.fmt.qmin, self.fmt.qmax,
-                                 self.fmt.signed, self.fmt.emulated)
+            clip = ("integer" if self.integer_clip else "float") if self.fmt.emulated else "none"
+            return _ActQDQ.apply(x, self.scale.detach(), lo, hi, self.fmt.qmin, self.fmt.qmax, self.fmt.signed, clip)
         return fake_quant(x, self.scale, self.fmt)
 
     def extra_repr(self) -> str:

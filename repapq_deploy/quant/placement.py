@@ -186,7 +186,7 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
 
     def new_quantizer(bits: int, nonneg: bool) -> str:
         name = f"act_quant_{len(qm.act_quantizers)}"
-        aq = ActQuantizer(profile.activation_format(bits, nonneg), nonneg)
+        aq = ActQuantizer(profile.activation_format(bits, nonneg), nonneg, profile.integer_clip)
         gm.add_submodule(name, aq)
         qm.act_quantizers[name] = modules[name] = aq
         return name

@@ -39,6 +39,7 @@ class Profile:
     unsigned_nonnegative: bool  # uint8 (zero point 0) for post-ReLU tensors
     add_quantizes_both_inputs: bool  # ORT's QLinearAdd wants both; TensorRT only the shortcut
     int32_bias: bool  # ORT fuses Gemm into QGemm only with an int32 bias; TensorRT keeps float biases
+    integer_clip: bool  # INT6 range enforced on the integer tensor (ORT) or by a float Clip before Q (TensorRT)
 
     def weight_format(self, bits: int) -> IntFormat:
         # Both backends: symmetric per-channel, narrow range [-(2^(b-1)-1), 2^(b-1)-1].
@@ -50,9 +51,9 @@ class Profile:
 
 PROFILES: dict[str, Profile] = {
     "tensorrt": Profile("tensorrt", unsigned_nonnegative=False, add_quantizes_both_inputs=False,
-                        int32_bias=False),
+                        int32_bias=False, integer_clip=False),
     "onnxruntime": Profile("onnxruntime", unsigned_nonnegative=True, add_quantizes_both_inputs=True,
-                           int32_bias=True),
+                           int32_bias=True, integer_clip=True),
 }
 
 
