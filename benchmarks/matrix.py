@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from repapq_deploy.data import fashion_mnist as fm
-from repapq_deploy.pipeline import Build, BuildOptions, hardware
+from repapq_deploy.environment import hardware
+from repapq_deploy.pipeline import Build, BuildOptions
 
 CACHE = Path.home() / ".cache" / "repapq-deploy" / "fmnist"
 EPOCHS = {"repvgg_a0": 10, "mobileone_s0": 4}

@@ -28,7 +28,8 @@ from rich.table import Table
 
 from repapq_deploy.backends import benchmark_interleaved
 from repapq_deploy.backends.onnxruntime import OrtRunner, count_ops
-from repapq_deploy.pipeline import Build, BuildOptions, hardware, versions
+from repapq_deploy.environment import hardware, versions
+from repapq_deploy.pipeline import Build, BuildOptions
 
 
 class _Reader(CalibrationDataReader):

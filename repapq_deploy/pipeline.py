@@ -7,15 +7,11 @@ unchanged is skipped. Within one run, objects already in memory are reused.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +28,7 @@ from repapq_deploy.data.loader import (
     load_dataset,
     preprocess_from_timm,
 )
+from repapq_deploy.environment import code_hash, hardware, versions
 from repapq_deploy.errors import DeployError
 from repapq_deploy.export import check_against_torch, export_fp32, export_qdq, graph_summary
 from repapq_deploy.load import LoadedModel, load_model, zip_names
@@ -81,45 +78,6 @@ class BuildOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def versions() -> dict:
-    """Versions of everything that influences the numbers."""
-    out = {"python": platform.python_version()}
-    for pkg in ("repapq-deploy", "torch", "torchvision", "timm", "onnx", "onnxruntime", "onnx-graphsurgeon",
-                "polygraphy", "numpy"):
-        try:
-            out[pkg.replace("-", "_")] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg.replace("-", "_")] = None
-    return out
-
-
-@functools.cache
-def code_hash() -> str:
-    """Hash of this package's source files."""
-    h = hashlib.sha256()
-    root = Path(__file__).parent
-    for p in sorted(root.rglob("*.py")):
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def hardware() -> dict:
-    """The machine the latency figures come from."""
-    cpu = platform.processor() or platform.machine()
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx")) or f == "vnni"]
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "isa": sorted(set(flags)), "machine": platform.machine()}
 
 
 class Build:
