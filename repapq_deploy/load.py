@@ -8,6 +8,7 @@ modules (YOLOv6's ``{'model': module}``) only with ``--trust-pickle``.
 
 from __future__ import annotations
 
+import argparse
 import operator
 import re
 import warnings
@@ -104,7 +105,9 @@ _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 def _torch_load(path: Path, trust_pickle: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # timm training checkpoints keep their argparse.Namespace of options: plain data, safe to allow
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's weights-only unpickler raises many types on foreign files
         found = _GLOBAL.search(str(exc))
         if not found:

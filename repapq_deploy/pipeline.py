@@ -37,7 +37,15 @@ from repapq_deploy.progress import log
 from repapq_deploy.quant.placement import QuantizedModel, quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
-from repapq_deploy.verify import accuracy_metrics, predict, render_markdown
+from repapq_deploy.verify import (
+    ACCURACY_PNG,
+    LATENCY_PNG,
+    accuracy_metrics,
+    plot_accuracy,
+    plot_latency,
+    predict,
+    render_markdown,
+)
 
 STAGES = ("reparam", "calibrate", "export", "engine", "verify")
 FUSED, QSTATE, FP32_ONNX, QDQ_ONNX = "fused.pt", "qstate.pt", "model.fp32.onnx", "model.qdq.onnx"
@@ -309,7 +317,8 @@ class Build:
                   "fused": self._hash("reparam", FUSED), "qstate": self._hash("calibrate", QSTATE),
                   "eval": self.eval_hash}
         options = {"eval_count": o.eval_count, "bench_seconds": o.bench_seconds, "seed": o.seed}
-        return self._stage("verify", inputs, options, [REPORT_JSON, REPORT_MD], self._run_verify)
+        return self._stage("verify", inputs, options, [REPORT_JSON, REPORT_MD, LATENCY_PNG, ACCURACY_PNG],
+                           self._run_verify)
 
     def _run_verify(self) -> dict:
         data = self.dataset("eval", self.preprocess)
@@ -340,6 +349,8 @@ class Build:
             "hardware": hardware(),
             "warnings": self.warnings,
         }
+        plot_latency(latency, backend.name, self.out / LATENCY_PNG)
+        plot_accuracy(accuracy, self.out / ACCURACY_PNG)
         write_json(self.out / REPORT_JSON, report)
         write_text(self.out / REPORT_MD, render_markdown(report))
         return report

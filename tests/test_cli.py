@@ -36,7 +36,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion_mnist"
 MODEL, CALIB, EVAL = EXAMPLE / "model.safetensors", EXAMPLE / "calib.npz", EXAMPLE / "eval.npz"
 FAST = ("--bench-seconds", "0.2", "--eval-count", "200")
 ARTIFACTS = {"fused.pt", "qstate.pt", "model.fp32.onnx", "model.qdq.onnx", "model.ort.onnx", "model.ref.onnx",
-             "report.json", "report.md"}
+             "report.json", "report.md", "latency.png", "accuracy.png"}
+REPORTS = {"report.json", "report.md", "latency.png", "accuracy.png"}
 METHODS = ("minmax", "percentile", "entropy", "mse", "mae")
 REPORT_KEYS = (
     "accuracy.fp32.top1", "accuracy.fake_quant.top1", "accuracy.engine.top1", "accuracy.agreement_top1",
@@ -204,7 +205,7 @@ def test_manifest_records_every_stage(build_of, profile, bits):
     assert set(m["stages"]["calibrate"]["outputs"]) == {"qstate.pt"}
     assert set(m["stages"]["export"]["outputs"]) == {"model.fp32.onnx", "model.qdq.onnx"}
     assert set(m["stages"]["engine"]["outputs"]) == {b.report["engine"]["path"]}
-    assert set(m["stages"]["verify"]["outputs"]) == {"report.json", "report.md"}
+    assert set(m["stages"]["verify"]["outputs"]) == REPORTS
     assert m["stages"]["reparam"]["inputs"]["model"] == sha256(MODEL)
     assert m["stages"]["calibrate"]["options"]["method"] == "percentile"
     assert m["stages"]["calibrate"]["options"]["bits"] == bits
@@ -309,7 +310,7 @@ def test_stage_subcommands_build_up_the_folder(reparam_dir, tmp_path):
     result = cli(*pipeline_args("build", out))
     assert result.exit_code == 0, result.output
     assert stage_log(result) == ({"verify"}, set(STAGES) - {"verify"})
-    assert {p.name for p in out.iterdir()} == expected | {"report.json", "report.md"}
+    assert {p.name for p in out.iterdir()} == expected | REPORTS
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -478,7 +479,7 @@ def test_calibration_tensors_of_the_wrong_shape(tmp_path, shape):
 def test_eval_labels_out_of_range(ort8, tmp_path):
     # Reuse the finished stages (only verify reads --eval); no report may appear.
     out = copy_build(ort8.out, tmp_path / "out")
-    for name in ("report.json", "report.md"):
+    for name in REPORTS:
         (out / name).unlink()
     with np.load(EVAL) as z:
         x, y = z["x"][:16], z["y"][:16].copy()
@@ -487,7 +488,7 @@ def test_eval_labels_out_of_range(ort8, tmp_path):
     np.savez(bad, x=x, y=y)
     result = cli("build", MODEL, "--calib", CALIB, "--eval", bad, "--out", out, *FAST)
     assert_clean_failure(result, out, "--eval", str(bad), "label 12", "[0, 10)",
-                         keep=ARTIFACTS - {"report.json", "report.md"})
+                         keep=ARTIFACTS - REPORTS)
     assert manifest(out)["stages"]["verify"]["status"] == "failed"
 
 

@@ -28,12 +28,23 @@ _CFGS: dict[str, ByoModelCfg] = {
 }
 
 
+# timm's data config: where the first conv and the classifier are (the loader reads in_chans and
+# num_classes from their weights) and the input the bundled example was trained with.
+_PRETRAINED_CFGS: dict[str, dict] = {
+    "repvgg_nano": {"first_conv": "stem.conv_kxk.conv"},
+    "mobileone_nano": {"first_conv": "stem.conv_kxk.0.conv"},
+}
+
+
 def _builder(name: str):
     def build(pretrained: bool = False, **kwargs) -> ByobNet:
         if pretrained:
             raise ValueError(f"{name} has no pretrained weights; load a checkpoint instead")
+        cfg = {"num_classes": 1000, "input_size": (3, 32, 32), "pool_size": (1, 1), "crop_pct": 1.0,
+               "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+               "classifier": "head.fc", **_PRETRAINED_CFGS[name]}
         return build_model_with_cfg(
-            ByobNet, name, False, model_cfg=_CFGS[name],
+            ByobNet, name, False, model_cfg=_CFGS[name], pretrained_cfg=kwargs.pop("pretrained_cfg", None) or cfg,
             feature_cfg=dict(flatten_sequential=True), **kwargs,
         )
 

@@ -195,8 +195,11 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
         if src.name in quantized_of:
             return quantized_of[src.name]
         if op_kind(src, modules) == "maxpool" and isinstance(src.args[0], fx.Node):
-            # MaxPool commutes with Q/DQ: its output reuses its input's scale (tied).
-            target = quantized(src.args[0], bits).target
+            # MaxPool commutes with Q/DQ: its output reuses its input's scale (tied). Its input
+            # may already read a quantizer (the pool's own input rule ran first).
+            inp = src.args[0]
+            already = inp.op == "call_module" and isinstance(modules.get(inp.target), ActQuantizer)
+            target = inp.target if already else quantized(inp, bits).target
         else:
             target = new_quantizer(bits, is_nonnegative(src, modules))
         with graph.inserting_after(src):

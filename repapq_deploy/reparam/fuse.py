@@ -91,8 +91,25 @@ def _fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 def _bn_remainder(bn: nn.BatchNorm2d) -> nn.Module:
     """What stays of a BN after folding: timm's BatchNormAct2d also applies drop + act."""
-    parts = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
-    return nn.Sequential(*parts) if parts else nn.Identity()
+    parts = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+             if m is not None and not isinstance(m, (nn.Identity, nn.Dropout))]
+    if not parts:
+        return nn.Identity()
+    return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps every BatchNorm (timm's BatchNormAct2d included) a module call, so it can be folded."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` trace with BatchNorm subclasses as leaves."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> int:
@@ -152,6 +169,14 @@ def _kernel_to(conv: nn.Conv2d, k: tuple[int, int], groups: int) -> torch.Tensor
 def merge_branches(gm: fx.GraphModule) -> int:
     """Merge ``conv_a(x) + conv_b(x)`` (or BN(x), or x) into one conv, repeatedly."""
     merged = 0
+    for node in list(gm.graph.nodes):
+        # timm sums branches starting from 0: `0 + conv(x)` would hide the conv from the merge
+        if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2:
+            zero = [isinstance(v, (int, float)) and v == 0 for v in node.args]
+            keep = node.args[1] if zero[0] else node.args[0] if zero[1] else None
+            if isinstance(keep, fx.Node):
+                node.replace_all_uses_with(keep)
+                gm.graph.erase_node(node)
     changed = True
     while changed:
         changed = False
@@ -241,7 +266,7 @@ def fuse_model(model: nn.Module, samples: torch.Tensor) -> tuple[fx.GraphModule,
     report.blocks_fused = _call_block_fusers(fused)
     fused.eval()
     try:
-        gm = fused if isinstance(fused, fx.GraphModule) else fx.symbolic_trace(fused)
+        gm = trace(fused)
     except Exception as exc:  # tracing errors come from arbitrary user code
         raise DeployError(f"cannot trace the model with torch.fx after fusion ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:160]})") from exc

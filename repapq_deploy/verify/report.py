@@ -29,7 +29,8 @@ def accuracy_metrics(fp32: np.ndarray, fake_quant: np.ndarray, engine: np.ndarra
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
     return {
         "fp32": {"top1": _top1(fp32, labels)},
-        "fake_quant": {"top1": _top1(fake_quant, labels)},
+        "fake_quant": {"top1": _top1(fake_quant, labels),
+                       "agreement_top1": float((fp32.argmax(1) == fake_quant.argmax(1)).mean() * 100)},
         "engine": {"top1": _top1(engine, labels)},
         "agreement_top1": float((fp32.argmax(1) == engine.argmax(1)).mean() * 100),
         "fake_quant_engine_agreement_top1": float((fake_quant.argmax(1) == engine.argmax(1)).mean() * 100),
@@ -69,6 +70,8 @@ def render_markdown(report: dict) -> str:
         f"Top-1 agreement engine vs FP32: **{_fmt(acc['agreement_top1'])} %**; mean logit cosine "
         f"{acc['cosine']:.5f} (min {acc['cosine_min']:.5f}).",
         "",
+        "![accuracy](accuracy.png)",
+        "",
         "## Latency (p50, ms per batch)",
         "",
         "| batch | FP32 ONNX | engine | speed-up |",
@@ -82,6 +85,8 @@ def render_markdown(report: dict) -> str:
         f"Measured interleaved in one run on {report['hardware']['cpu']} "
         f"({report['hardware']['cores']} cores); both run in ONNX Runtime "
         f"{report['versions']['onnxruntime']}.",
+        "",
+        "![latency](latency.png)",
         "",
         "## Engine",
         "",

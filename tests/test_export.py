@@ -1,0 +1,260 @@
+"""Stage 4, export: FP32 and QDQ ONNX graphs, their structure per backend profile, and the ORT-vs-PyTorch check."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from repapq_deploy.calibrate import calibrate
+from repapq_deploy.errors import DeployError
+from repapq_deploy.export import check_against_torch, export_fp32, export_qdq, graph_summary
+from repapq_deploy.export.onnx import INPUT_NAME, MIN_OPSET, OUTPUT_NAME
+from repapq_deploy.quant.placement import QuantizedModel, quantize_model
+from repapq_deploy.quant.scheme import QuantConfig
+
+CONFIGS = [("onnxruntime", 8), ("onnxruntime", 6), ("tensorrt", 8), ("tensorrt", 6)]
+IDS = [f"{p}-int{b}" for p, b in CONFIGS]
+
+
+class Graph:
+    """An exported ONNX file, indexed for the checks below."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.model = onnx.load(str(path))
+        self.inits = {i.name: numpy_helper.to_array(i) for i in self.model.graph.initializer}
+        self.producer = {out: n for n in self.model.graph.node for out in n.output}
+        self.nodes = list(self.model.graph.node)
+
+    def of(self, op: str) -> list[onnx.NodeProto]:
+        return [n for n in self.nodes if n.op_type == op]
+
+    def init(self, name: str) -> np.ndarray:
+        assert name in self.inits, f"{name} is not an initializer"
+        return self.inits[name]
+
+    def weight_dqs(self) -> list[onnx.NodeProto]:
+        return [n for n in self.of("DequantizeLinear") if n.input[0] in self.inits
+                and self.inits[n.input[0]].dtype == np.int8]
+
+    def bias_dqs(self) -> list[onnx.NodeProto]:
+        return [n for n in self.of("DequantizeLinear") if n.input[0] in self.inits
+                and self.inits[n.input[0]].dtype == np.int32]
+
+    def producer_op(self, tensor: str) -> str | None:
+        node = self.producer.get(tensor)
+        return node.op_type if node is not None else None
+
+
+def _axis(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "axis"), None)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, fused_example, calib_x) -> dict[tuple[str, int], tuple[QuantizedModel, Graph]]:
+    gm, _ = fused_example
+    out = {}
+    root = tmp_path_factory.mktemp("export")
+    for profile, bits in CONFIGS:
+        qm = quantize_model(gm, QuantConfig(profile, bits, 8))
+        calibrate(qm, calib_x[:32], "percentile")
+        path = root / f"{profile}-int{bits}.onnx"
+        export_qdq(qm, calib_x, path)
+        out[(profile, bits)] = (qm, Graph(path))
+    return out
+
+
+# ------------------------------------------------------------------------------------ FP32
+
+
+def test_export_fp32_matches_pytorch(tmp_path: Path, example_model, fused_example, calib_x, ort_session) -> None:
+    gm, _ = fused_example
+    path = tmp_path / "fp32.onnx"
+    export_fp32(gm, calib_x, path)
+    onnx.checker.check_model(onnx.load(str(path)))
+    ops = graph_summary(path)["ops"]
+    assert ops.get("Conv") == 9 and "BatchNormalization" not in ops
+    assert not {"QuantizeLinear", "DequantizeLinear"} & ops.keys()
+    session = ort_session(path)
+    x = calib_x[:7]
+    out = session.run(None, {INPUT_NAME: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, gm(x).numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(out, example_model(x).numpy(), atol=1e-4, rtol=0)
+
+
+def test_old_opset_is_refused(tmp_path: Path, fused_example, calib_x) -> None:
+    with pytest.raises(DeployError) as info:
+        export_fp32(fused_example[0], calib_x, tmp_path / "old.onnx", opset=12)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("--opset 12") and str(MIN_OPSET) in message
+    assert not (tmp_path / "old.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------ QDQ
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_qdq_graph_is_valid_with_dynamic_batch(exported, config, ort_session, eval_xy) -> None:
+    qm, g = exported[config]
+    onnx.checker.check_model(g.model, full_check=True)
+    assert graph_summary(g.path)["opset"] >= MIN_OPSET
+    [inp], [out] = g.model.graph.input, g.model.graph.output
+    assert (inp.name, out.name) == (INPUT_NAME, OUTPUT_NAME)
+    assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic batch dimension
+    session = ort_session(g.path)
+    x = eval_xy[0][:7].numpy()
+    for n in (1, 7):
+        y = session.run(None, {INPUT_NAME: x[:n]})[0]
+        assert y.shape == (n, 10) and np.isfinite(y).all()
+        with torch.no_grad():
+            ref = qm.module(torch.from_numpy(x[:n])).numpy()
+        assert (y.argmax(1) == ref.argmax(1)).all()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_zero_points_and_scales_are_initializers(exported, config) -> None:
+    qm, g = exported[config]
+    qdq = g.of("QuantizeLinear") + g.of("DequantizeLinear")
+    assert qdq
+    for node in qdq:
+        assert len(node.input) == 3, f"{node.name}: no explicit zero point"
+        zp = g.init(node.input[2])
+        assert zp.dtype in (np.int8, np.uint8, np.int32) and not zp.any(), node.name
+        scale = g.init(node.input[1])
+        assert scale.dtype == np.float32 and (scale > 0).all() and np.isfinite(scale).all(), node.name
+        assert scale.shape == zp.shape
+    # the activation scales are the calibrated ones
+    act_scales = {np.float32(q.scale.item()) for q in qm.act_quantizers.values()}
+    assert {g.init(n.input[1]).item() for n in g.of("QuantizeLinear")} == act_scales
+    assert len(g.of("QuantizeLinear")) == len(qm.act_quantizers) == 11
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_weights_are_per_channel_int8_initializers(exported, config) -> None:
+    qm, g = exported[config]
+    dqs = g.weight_dqs()
+    assert len(dqs) == len(qm.weight_layers) == 10
+    seen = set()
+    for dq in dqs:
+        w = g.init(dq.input[0])
+        assert _axis(dq) == 0, dq.name
+        assert g.init(dq.input[1]).shape == (w.shape[0],) == g.init(dq.input[2]).shape
+        # which layer is it? the integer weights are the ones the fake-quant model froze
+        names = [n for n, layer in qm.weight_layers.items()
+                 if tuple(layer.weight_int8.shape) == w.shape and np.array_equal(layer.weight_int8.numpy(), w)]
+        assert len(names) == 1, dq.name
+        seen.add(names[0])
+        fmt = qm.weight_layers[names[0]].weight_quantizer.fmt
+        bound = 127 if fmt.bits == 8 else 31
+        assert fmt.bits == (8 if names[0] in ("stem.reparam_conv", "head.fc") else config[1])
+        assert np.abs(w).max() <= bound
+        # min-max weight ranges: every channel's largest weight lands on the grid's end
+        assert (np.abs(w.reshape(w.shape[0], -1)).max(1) == bound).all(), names[0]
+        np.testing.assert_allclose(g.init(dq.input[1]), qm.weight_layers[names[0]].weight_quantizer.scale.numpy())
+    assert seen == set(qm.weight_layers)
+    # biases: int32 on the s_x * s_w grid for ONNX Runtime's QLinearConv / QGemm, float for TensorRT
+    profile = config[0]
+    if profile == "onnxruntime":
+        assert len(g.bias_dqs()) == 10 and all(_axis(n) == 0 for n in g.bias_dqs())
+    else:
+        assert g.bias_dqs() == []
+    assert len(g.of("DequantizeLinear")) == 11 + 10 + len(g.bias_dqs())
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_onnxruntime_uses_uint8_after_relu(exported, bits: int) -> None:
+    _, g = exported[("onnxruntime", bits)]
+    qs = g.of("QuantizeLinear")
+    by_dtype = Counter(g.init(q.input[2]).dtype for q in qs)
+    assert by_dtype == {np.dtype(np.uint8): 10, np.dtype(np.int8): 1}
+    for q in qs:
+        zp = g.init(q.input[2])
+        if q.input[0] == INPUT_NAME:
+            assert zp.dtype == np.int8  # the normalized image is signed
+        elif g.producer_op(q.input[0]) == "Relu":
+            assert zp.dtype == np.uint8
+
+
+@pytest.mark.parametrize("bits", [8, 6])
+def test_tensorrt_uses_no_uint8(exported, bits: int) -> None:
+    _, g = exported[("tensorrt", bits)]
+    for node in g.of("QuantizeLinear") + g.of("DequantizeLinear"):
+        assert g.init(node.input[2]).dtype == np.int8, node.name
+
+
+def test_tensorrt_int6_is_emulated_with_a_float_clip(exported) -> None:
+    qm, g = exported[("tensorrt", 6)]
+    clips = g.of("Clip")
+    emulated = [q for q in qm.act_quantizers.values() if q.fmt.emulated]
+    assert len(clips) == len(emulated) == 9
+    assert not [c for c in clips if g.producer_op(c.input[0]) == "Relu"], "Relu -> Clip not merged"
+    assert g.of("Relu") == []  # every 6-bit tensor of the example is a ReLU output: all merged into Clips
+    for clip in clips:
+        [q] = [n for n in g.nodes if clip.output[0] in n.input]
+        assert q.op_type == "QuantizeLinear"  # Clip before Q: TensorRT fuses it into the conv
+        s = g.init(q.input[1]).item()
+        lo, hi = g.init(clip.input[1]), g.init(clip.input[2])
+        assert lo.dtype == hi.dtype == np.float32
+        assert lo.item() == 0.0  # Relu then Clip(qmin * s, qmax * s) == Clip(0, qmax * s)
+        assert hi.item() == pytest.approx(31 * s, rel=1e-6)
+
+
+def test_onnxruntime_int6_is_emulated_with_an_integer_clip(exported) -> None:
+    qm, g = exported[("onnxruntime", 6)]
+    clips = g.of("Clip")
+    assert len(clips) == sum(q.fmt.emulated for q in qm.act_quantizers.values()) == 9
+    for clip in clips:
+        # Q -> Clip(uint8 0, 63) -> DQ: ONNX Runtime still fuses DQ-Conv-Q into QLinearConv around it
+        assert g.producer_op(clip.input[0]) == "QuantizeLinear"
+        [dq] = [n for n in g.nodes if clip.output[0] in n.input]
+        assert dq.op_type == "DequantizeLinear"
+        lo, hi = g.init(clip.input[1]), g.init(clip.input[2])
+        assert lo.dtype == hi.dtype == np.uint8 and (lo.item(), hi.item()) == (0, 63)
+    assert len(g.of("Relu")) == 9  # float ReLUs stay: ORT fuses them into QLinearConv
+
+
+@pytest.mark.parametrize("profile", ["onnxruntime", "tensorrt"])
+def test_int8_has_no_clip(exported, profile: str) -> None:
+    _, g = exported[(profile, 8)]
+    assert g.of("Clip") == [] and len(g.of("Relu")) == 9
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_onnxruntime_agrees_with_pytorch(exported, config, calib_x) -> None:
+    qm, g = exported[config]
+    check = check_against_torch(qm, g.path, calib_x)
+    assert check.samples == len(calib_x) == 64
+    assert check.agreement_top1 == 100.0
+    assert check.max_rel_diff < 0.05  # at most a few rounding flips of one quantization step
+    assert check.to_dict()["agreement_top1"] == 100.0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_graph_summary_counts_ops(exported, config) -> None:
+    qm, g = exported[config]
+    summary = graph_summary(g.path)
+    counts = Counter(n.op_type for n in g.nodes)
+    assert summary["ops"] == dict(counts) and summary["nodes"] == len(g.nodes)
+    assert summary["opset"] == 17
+    assert summary["ops"]["Conv"] == 9 and summary["ops"]["Gemm"] == 1
+    assert summary["ops"]["QuantizeLinear"] == len(qm.act_quantizers)
+    assert list(summary["ops"]) == sorted(summary["ops"])
+
+
+def test_graph_summary_of_a_handmade_graph(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Abs", ["b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
+    assert graph_summary(path) == {"opset": 15, "nodes": 3, "ops": {"Abs": 1, "Relu": 2}}

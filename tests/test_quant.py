@@ -1,0 +1,328 @@
+"""Integer formats, fake quantization (bit-exact with ONNX Q/DQ) and quantizer placement per backend profile."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+from repapq_deploy.errors import DeployError
+from repapq_deploy.quant.fakequant import ActQuantizer, QuantConv2d, QuantLinear, fake_quant
+from repapq_deploy.quant.placement import QuantizedModel, quantize_model
+from repapq_deploy.quant.scheme import PROFILES, IntFormat, QuantConfig
+
+# ------------------------------------------------------------------------------------ integer formats
+
+
+@pytest.mark.parametrize(("fmt", "qmin", "qmax"), [
+    (IntFormat(8, True, narrow=True), -127, 127),
+    (IntFormat(8, True), -128, 127),
+    (IntFormat(8, False), 0, 255),
+    (IntFormat(6, True), -32, 31),
+    (IntFormat(6, False), 0, 63),
+    (IntFormat(6, True, narrow=True), -31, 31),
+])
+def test_int_format_range(fmt: IntFormat, qmin: int, qmax: int) -> None:
+    assert (fmt.qmin, fmt.qmax) == (qmin, qmax)
+    assert fmt.emulated == (fmt.bits < 8)
+
+
+def test_profiles_weight_and_activation_formats() -> None:
+    for profile in PROFILES.values():
+        assert profile.weight_format(8) == IntFormat(8, True, narrow=True)
+        assert profile.weight_format(6) == IntFormat(6, True, narrow=True)
+        assert profile.activation_format(8, nonnegative=False) == IntFormat(8, True)
+    assert PROFILES["onnxruntime"].activation_format(8, nonnegative=True) == IntFormat(8, False)
+    assert PROFILES["onnxruntime"].activation_format(6, nonnegative=True) == IntFormat(6, False)
+    assert PROFILES["tensorrt"].activation_format(8, nonnegative=True) == IntFormat(8, True)
+
+
+# ------------------------------------------------------------------------------------ fake_quant vs ONNX Runtime
+
+
+def _qdq_model(signed: bool, scale: np.ndarray, clip: tuple | None, axis: int | None = None, rank: int = 1,
+               integer_clip: bool = False) -> onnx.ModelProto:
+    """x -> [Clip] -> QuantizeLinear -> [Clip] -> DequantizeLinear, zero point 0 of int8 / uint8.
+
+    ``clip`` = (lo, hi): a float Clip before Q, or with ``integer_clip`` a Clip of the integer tensor.
+    """
+    zp_dtype = np.int8 if signed else np.uint8
+    inits = [numpy_helper.from_array(scale.astype(np.float32), "scale"),
+             numpy_helper.from_array(np.zeros(scale.shape, zp_dtype), "zp")]
+    kw = {} if axis is None else {"axis": axis}
+    nodes, src = [], "x"
+    if clip is not None:
+        dtype = zp_dtype if integer_clip else np.float32
+        inits += [numpy_helper.from_array(np.array(clip[0], dtype), "lo"),
+                  numpy_helper.from_array(np.array(clip[1], dtype), "hi")]
+    if clip is not None and not integer_clip:
+        nodes.append(helper.make_node("Clip", ["x", "lo", "hi"], ["clipped"]))
+        src = "clipped"
+    nodes.append(helper.make_node("QuantizeLinear", [src, "scale", "zp"], ["q"], **kw))
+    q = "q"
+    if clip is not None and integer_clip:
+        nodes.append(helper.make_node("Clip", ["q", "lo", "hi"], ["q_clipped"]))
+        q = "q_clipped"
+    nodes.append(helper.make_node("DequantizeLinear", [q, "scale", "zp"], ["y"], **kw))
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None] * rank)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * rank)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _values(scale: float, fmt: IntFormat) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    random = rng.standard_normal(4000).astype(np.float32) * scale * fmt.qmax / 2
+    grid = np.arange(fmt.qmin - 3, fmt.qmax + 4, dtype=np.float32)
+    ties = (grid + 0.5) * np.float32(scale)  # x / s lands on (or next to) .5 for every level
+    extremes = np.array([1e9, -1e9, fmt.qmax * 10 * scale, fmt.qmin * 10 * scale - 1, 0.0, -0.0], np.float32)
+    return np.concatenate([random, ties, grid * np.float32(scale), extremes]).astype(np.float32)
+
+
+@pytest.mark.parametrize("scale", [0.25, 0.0371])  # 0.25: x / s is exact, so the .5 ties are exact ties
+@pytest.mark.parametrize(("fmt", "clip"), [
+    (IntFormat(8, True), None), (IntFormat(8, False), None),
+    # 6-bit grids are emulated on 8-bit storage, as the exporter writes them: TensorRT profile with a float
+    # Clip to [qmin * s, qmax * s] before Q, ONNX Runtime profile with a Clip of the integers between Q and DQ
+    (IntFormat(6, True), "float"), (IntFormat(6, False), "float"),
+    (IntFormat(6, True), "integer"), (IntFormat(6, False), "integer"),
+], ids=["int8", "uint8", "int6-float-clip", "uint6-float-clip", "int6-integer-clip", "uint6-integer-clip"])
+def test_fake_quant_bit_exact_with_onnxruntime(fmt: IntFormat, clip: str | None, scale: float, ort_session) -> None:
+    x = _values(scale, fmt)
+    s = np.float32(scale)
+    if clip == "float":
+        model = _qdq_model(fmt.signed, np.array(s), (float(s * fmt.qmin), float(s * fmt.qmax)))
+    elif clip == "integer":
+        model = _qdq_model(fmt.signed, np.array(s), (fmt.qmin, fmt.qmax), integer_clip=True)
+    else:
+        model = _qdq_model(fmt.signed, np.array(s), None)
+    expected = ort_session(model).run(None, {"x": x})[0]
+    got = fake_quant(torch.from_numpy(x), torch.tensor(s), fmt).numpy()
+    np.testing.assert_array_equal(got, expected)
+    # and the grid really is fmt's: saturation at both ends
+    assert got.max() == np.float32(fmt.qmax) * s and got.min() == np.float32(fmt.qmin) * s
+
+
+def test_fake_quant_rounds_half_to_even_and_saturates() -> None:
+    s = torch.tensor(0.5)
+    x = torch.tensor([0.25, 0.75, 1.25, -0.25, -0.75, -1.25, 63.75, 1e6, -1e6])  # x / s: .5, 1.5, 2.5, ...
+    assert fake_quant(x, s, IntFormat(8, True)).tolist() == [0.0, 1.0, 1.0, -0.0, -1.0, -1.0, 63.5, 63.5, -64.0]
+    assert fake_quant(x, s, IntFormat(8, False)).tolist() == [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 64.0, 127.5, 0.0]
+    assert fake_quant(x, s, IntFormat(6, True)).tolist() == [0.0, 1.0, 1.0, -0.0, -1.0, -1.0, 15.5, 15.5, -16.0]
+
+
+def test_fake_quant_per_channel_bit_exact_with_onnxruntime(ort_session) -> None:
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    w[2] *= 40  # some channels saturate
+    scale = (np.abs(w[:, :1]).reshape(6, -1).max(1) / 127).astype(np.float32)
+    expected = ort_session(_qdq_model(True, scale, None, axis=0, rank=4)).run(None, {"x": w})[0]
+    got = fake_quant(torch.from_numpy(w), torch.from_numpy(scale).view(-1, 1, 1, 1), IntFormat(8, True)).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_fake_quant_straight_through_gradient() -> None:
+    x = torch.tensor([0.3, 1.7, 1000.0, -1000.0], requires_grad=True)
+    fake_quant(x, torch.tensor(1.0), IntFormat(8, True)).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0]  # identity inside the grid, zero where clamped
+
+
+# ------------------------------------------------------------------------------------ QuantConfig
+
+
+@pytest.mark.parametrize(("kwargs", "option"), [
+    ({"bits": 4}, "--bits 4"),
+    ({"first_last_bits": 4}, "--first-last-bits 4"),
+    ({"profile": "tflite"}, "--profile tflite"),
+])
+def test_quant_config_rejects(kwargs: dict, option: str) -> None:
+    with pytest.raises(DeployError) as info:
+        QuantConfig(**kwargs)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(option)
+
+
+# ------------------------------------------------------------------------------------ placement
+
+
+def _act_calls(qm: QuantizedModel) -> list[fx.Node]:
+    return [n for n in qm.module.graph.nodes if n.op == "call_module" and n.target in qm.act_quantizers]
+
+
+def _input_quantizer_of(qm: QuantizedModel, layer: str) -> ActQuantizer:
+    node = next(n for n in qm.module.graph.nodes if n.op == "call_module" and n.target == layer)
+    src = node.args[0]
+    assert src.op == "call_module" and src.target in qm.act_quantizers, f"{layer}'s input is not quantized"
+    return qm.act_quantizers[src.target]
+
+
+@pytest.fixture(scope="module")
+def example_qms(fused_example) -> dict[tuple[str, int], QuantizedModel]:
+    gm, _ = fused_example
+    return {(p, b): quantize_model(gm, QuantConfig(p, b, 8)) for p in ("onnxruntime", "tensorrt") for b in (8, 6)}
+
+
+def test_fused_model_is_left_untouched(fused_example, example_qms) -> None:
+    gm, _ = fused_example
+    assert not any(isinstance(m, (ActQuantizer, QuantConv2d, QuantLinear)) for m in gm.modules())
+    assert all(qm.module is not gm for qm in example_qms.values())
+
+
+def test_every_weight_layer_and_its_input_are_quantized(fused_example, example_qms) -> None:
+    gm, _ = fused_example
+    layers = [n for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for qm in example_qms.values():
+        assert sorted(qm.weight_layers) == sorted(layers)
+        for name in layers:
+            assert isinstance(qm.module.get_submodule(name), (QuantConv2d, QuantLinear))
+            _input_quantizer_of(qm, name)
+        assert len(_act_calls(qm)) == len(qm.act_quantizers) == 11  # 10 weight-layer inputs + the avg pool
+
+
+def test_disabled_quantizers_are_the_identity(fused_example, example_qms, calib_x) -> None:
+    gm, _ = fused_example
+    qm = example_qms[("onnxruntime", 8)]
+    qm.set_mode("off")
+    with torch.no_grad():
+        assert torch.equal(qm.module(calib_x[:4]), gm(calib_x[:4]))
+
+
+def test_onnxruntime_profile_signedness(example_qms) -> None:
+    qm = example_qms[("onnxruntime", 8)]
+    for call in _act_calls(qm):
+        q = qm.act_quantizers[call.target]
+        if call.args[0].op == "placeholder":  # the network input: normalized, has negative values
+            assert q.fmt == IntFormat(8, True) and not q.nonnegative
+        else:  # every other quantized tensor of a RepVGG is a ReLU output (or a pool of one)
+            assert q.fmt == IntFormat(8, False) and q.nonnegative, call.args[0].name
+    relu_fed = [c for c in _act_calls(qm)
+                if c.args[0].op == "call_module" and isinstance(qm.module.get_submodule(c.args[0].target), nn.ReLU)]
+    assert len(relu_fed) == 8  # stem + 7 of the 8 stage blocks; the last one's ReLU goes through the head
+    assert all(q.integer_clip for q in qm.act_quantizers.values())  # INT6 clips on the integer tensor
+    # ORT wants int32 biases: each weight layer knows the quantizer that feeds it
+    for name, layer in qm.weight_layers.items():
+        assert layer.input_quantizer is _input_quantizer_of(qm, name)
+
+
+def test_tensorrt_profile_is_all_signed(example_qms) -> None:
+    qm = example_qms[("tensorrt", 8)]
+    assert {q.fmt for q in qm.act_quantizers.values()} == {IntFormat(8, True)}
+    assert all(layer.input_quantizer is None for layer in qm.weight_layers.values())  # float biases
+    assert not any(q.integer_clip for q in qm.act_quantizers.values())  # INT6 clips in float, before Q
+
+
+@pytest.mark.parametrize("profile", ["onnxruntime", "tensorrt"])
+def test_six_bit_with_eight_bit_first_and_last(example_qms, profile: str) -> None:
+    qm = example_qms[(profile, 6)]
+    first, last = "stem.reparam_conv", "head.fc"
+    assert list(qm.weight_layers)[0] == first and list(qm.weight_layers)[-1] == last
+    for name, layer in qm.weight_layers.items():
+        bits = 8 if name in (first, last) else 6
+        assert layer.weight_quantizer.fmt == IntFormat(bits, True, narrow=True), name
+        assert _input_quantizer_of(qm, name).fmt.bits == bits, name
+    bits = sorted(q.fmt.bits for q in qm.act_quantizers.values())
+    assert bits == [6] * 9 + [8] * 2
+
+
+@pytest.fixture(scope="module")
+def resnet_qms(fused_resnet18) -> dict[str, QuantizedModel]:
+    gm, _ = fused_resnet18
+    return {p: quantize_model(gm, QuantConfig(p)) for p in ("onnxruntime", "tensorrt")}
+
+
+def _adds(qm: QuantizedModel) -> list[fx.Node]:
+    return [n for n in qm.module.graph.nodes
+            if n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add)]
+
+
+def _is_act_quant(qm: QuantizedModel, arg) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "call_module" and arg.target in qm.act_quantizers
+
+
+def test_tensorrt_quantizes_only_the_residual_shortcut(resnet_qms) -> None:
+    qm = resnet_qms["tensorrt"]
+    adds = _adds(qm)
+    assert len(adds) == 8
+    for add in adds:
+        main, shortcut = add.args
+        assert _is_act_quant(qm, shortcut), f"{add.name}: shortcut not quantized"
+        # the residual branch stays in float so TensorRT fuses the add into the conv's epilogue
+        assert main.op == "call_module" and isinstance(qm.module.get_submodule(main.target), QuantConv2d)
+
+
+def test_onnxruntime_quantizes_both_add_inputs(resnet_qms) -> None:
+    qm = resnet_qms["onnxruntime"]
+    adds = _adds(qm)
+    assert len(adds) == 8
+    for add in adds:
+        assert all(_is_act_quant(qm, a) for a in add.args), add.name
+        assert qm.act_quantizers[add.args[0].target] is not qm.act_quantizers[add.args[1].target]
+
+
+@pytest.mark.parametrize("profile", ["onnxruntime", "tensorrt"])
+def test_maxpool_output_reuses_its_input_quantizer(resnet_qms, profile: str) -> None:
+    qm = resnet_qms[profile]
+    pool = next(n for n in qm.module.graph.nodes if n.op == "call_module" and n.target == "maxpool")
+    assert _is_act_quant(qm, pool.args[0])
+    outs = [u for u in pool.users if _is_act_quant(qm, u)]
+    assert len(outs) == 1
+    assert qm.act_quantizers[outs[0].target] is qm.act_quantizers[pool.args[0].target]
+
+
+def test_maxpool_input_and_output_are_quantized(resnet_qms) -> None:
+    for qm in resnet_qms.values():
+        pool = next(n for n in qm.module.graph.nodes if n.op == "call_module" and n.target == "maxpool")
+        assert _is_act_quant(qm, pool.args[0])
+        assert [u for u in pool.users if _is_act_quant(qm, u)]
+
+
+class _Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 2, 3, padding=1)
+        self.b = nn.Conv2d(1, 3, 1)
+        self.relu = nn.ReLU()
+        self.c = nn.Conv2d(5, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.cat([self.relu(self.a(x)), self.relu(self.b(x))], 1))
+
+
+def test_concat_inputs_and_output_share_one_quantizer() -> None:
+    qm = quantize_model(fx.symbolic_trace(_Concat().eval()), QuantConfig("onnxruntime"))
+    cat = next(n for n in qm.module.graph.nodes if n.op == "call_function" and n.target is torch.cat)
+    inputs = cat.args[0]
+    assert len(inputs) == 2 and all(_is_act_quant(qm, t) for t in inputs)
+    c = next(n for n in qm.module.graph.nodes if n.op == "call_module" and n.target == "c")
+    shared = {inputs[0].target, inputs[1].target, c.args[0].target}
+    assert len(shared) == 1  # one scale for the inputs and the output, as a concat needs
+    q = qm.act_quantizers[shared.pop()]
+    assert q.fmt == IntFormat(8, False)  # both inputs are ReLU outputs
+
+
+def test_model_without_weight_layers_is_refused() -> None:
+    with pytest.raises(DeployError) as info:
+        quantize_model(fx.symbolic_trace(nn.Sequential(nn.ReLU())), QuantConfig())
+    assert "Conv2d or Linear" in str(info.value)
+
+
+def test_scales_roundtrip_and_mismatch(example_qms) -> None:
+    qm = example_qms[("tensorrt", 8)]
+    scales = qm.scales()
+    assert len(scales) == len(qm.act_quantizers) + len(qm.weight_layers)
+    doubled = {k: v * 2 for k, v in scales.items()}
+    qm.load_scales(doubled)
+    assert all(torch.equal(qm.scales()[k], doubled[k]) for k in scales)
+    qm.load_scales(scales)
+    with pytest.raises(DeployError) as info:
+        qm.load_scales({k: v for k, v in scales.items() if k != "act_quant_0.act"})
+    message = str(info.value)
+    assert "\n" not in message and "act_quant_0.act" in message and "--force" in message
