@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -176,3 +177,132 @@ for _stage in STAGES:
 
 if __name__ == "__main__":
     main()
+
+
+def _batches(ctx, param, value: str) -> tuple[int, ...]:  # noqa: ARG001
+    try:
+        batches = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated batch sizes, e.g. 1,32") from None
+    if not batches or min(batches) < 1:
+        raise click.BadParameter(f"{value!r}: batch sizes must be >= 1")
+    return batches
+
+
+def _percent(ctx, param, value: str) -> float:  # noqa: ARG001
+    try:
+        pct = float(value.strip().rstrip("%"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a percentage such as 10%") from None
+    if pct < 0:
+        raise click.BadParameter(f"{value!r}: must be >= 0")
+    return pct
+
+
+@main.command()
+@click.argument("engine", type=click.Path(dir_okay=False))
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "onnxruntime-reference", "tensorrt"]),
+              default="auto", show_default=True, help="auto: from the file name (.ref.onnx, .plan, else ORT).")
+@click.option("--batch", "batches", default="1,32", show_default=True, callback=_batches,
+              help="Comma-separated batch sizes.")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), help="Timed iterations per batch size (instead of --seconds).")
+@click.option("--seconds", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Time budget per batch size when --iters is not given.")
+@click.option("--reference", type=click.Path(dir_okay=False),
+              help="FP32 ONNX timed interleaved with the engine, so the speed-up is measured in one run.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), help="JSON output (default: bench.json beside ENGINE).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON on stdout instead of a table.")
+@_guard
+def bench(engine, backend, batches, warmup, iters, seconds, reference, seed, out, as_json) -> None:
+    """Latency percentiles (p50/p90/p99) and throughput of ENGINE at each batch size."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from repapq_deploy.artifacts import write_json
+    from repapq_deploy.bench import BenchSettings, run_bench
+
+    result = run_bench(engine, backend=backend, reference=reference,
+                       settings=BenchSettings(batches, warmup, iters, seconds, seed))
+    out = Path(out) if out else Path(engine).parent / "bench.json"
+    write_json(out, result)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    hw = result["hardware"]
+    table = Table(title=f"{engine} ({result['backend']}) on {hw['gpu'] or hw['cpu']}, {hw['cores']} cores")
+    for col in ("batch", "model", "p50 ms", "p90 ms", "p99 ms", "images/s", "iterations", "speed-up"):
+        table.add_column(col, justify="right")
+    for bs, entry in result["batches"].items():
+        for name in ("engine", "reference"):
+            if name not in entry:
+                continue
+            s = entry[name]
+            speedup = f"{entry['speedup']:.2f}x" if name == "engine" and "speedup" in entry else ""
+            table.add_row(bs, name, f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}",
+                          f"{s['throughput']:.1f}", str(s["iterations"]), speedup)
+    click.echo(_render(table))
+    log(f"wrote {out}")
+
+
+def _render(renderable) -> str:
+    from rich.console import Console
+
+    buffer = Console(width=120, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    buffer.print(renderable)
+    return buffer.export_text()
+
+
+@main.command()
+@click.argument("report", type=click.Path())
+@click.option("--baseline", required=True, type=click.Path(dir_okay=False), help="Baseline JSON to compare with.")
+@click.option("--max-latency-regression", default="10%", show_default=True, callback=_percent,
+              help="Allowed loss of the engine's speed-up over FP32, in percent.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=0.3, show_default=True,
+              help="Allowed drop of top-1 and of agreement with FP32, in percentage points.")
+@click.option("--update-baseline", is_flag=True, help="Write REPORT's figures as the new baseline (atomically).")
+@click.option("--summary", type=click.Path(dir_okay=False), help="Write (append) a Markdown summary here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON on stdout.")
+def check(report, baseline, max_latency_regression, max_accuracy_drop, update_baseline, summary, as_json) -> None:
+    """Compare a build's REPORT (report.json or its folder) with a stored baseline.
+
+    Exit codes: 0 pass, 1 regression, 2 baseline from different hardware (latency not compared),
+    3 unusable report or baseline.
+    """
+    from rich.table import Table
+
+    from repapq_deploy import gate
+
+    try:
+        data = gate.load_report(report)
+        current = gate.baseline_from_report(data, str(report))
+        if update_baseline:
+            gate.update_baseline(data, str(report), baseline)
+            log(f"baseline written: {baseline}")
+            return
+        base = gate.load_baseline(baseline)
+        code, checks, diffs = gate.compare(base, current, max_latency_regression, max_accuracy_drop)
+        if summary:
+            gate.write_summary(summary, gate.summary_markdown(checks, diffs, code, str(report), str(baseline)))
+    except DeployError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(gate.BAD_INPUT)
+    if as_json:
+        click.echo(json.dumps({"exit_code": code, "hardware_differences": diffs,
+                               "checks": [c.__dict__ | {"delta": c.delta} for c in checks]}, indent=2))
+    else:
+        table = Table(title=f"repapq-deploy check: {report} vs {baseline}")
+        for col in ("metric", "baseline", "this build", "delta", "limit", "result"):
+            table.add_column(col, justify="right" if col not in ("metric", "limit") else "left")
+        for ch in checks:
+            result = "not compared" if not ch.compared else "ok" if ch.ok else "REGRESSION"
+            table.add_row(ch.metric, gate._num(ch.baseline), gate._num(ch.current), ch.delta, ch.limit, result)
+        click.echo(_render(table))
+    for d in diffs:
+        log(f"[yellow]hardware differs:[/yellow] {escape(d)}")
+    verdict = {gate.PASS: "[green]pass[/green]", gate.REGRESSION: "[red]regression[/red]",
+               gate.OTHER_HARDWARE: "[yellow]baseline from different hardware: latency not compared[/yellow]"}
+    log(f"check: {verdict[code]}")
+    sys.exit(code)
