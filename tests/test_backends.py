@@ -92,9 +92,8 @@ def _tmp_leftovers(folder: Path) -> list[str]:
 
 # --- resolve_backend / get_backend ------------------------------------------------------------------
 
-def test_auto_picks_onnxruntime_here():
-    # This version has no TensorRT engine builder, so auto is ONNX Runtime on every machine.
-    assert "tensorrt" not in BACKENDS
+def test_auto_picks_onnxruntime_here(monkeypatch):
+    monkeypatch.setattr(registry, "tensorrt_present", lambda: False)
     assert resolve_backend("auto", None) == ("onnxruntime", "onnxruntime")
     assert resolve_backend("auto", "onnxruntime") == ("onnxruntime", "onnxruntime")
     assert resolve_backend("onnxruntime", None) == ("onnxruntime", "onnxruntime")
@@ -121,13 +120,13 @@ def test_backend_tensorrt_without_tensorrt_is_a_one_line_error(monkeypatch):
     assert "--backend onnxruntime" in message  # says what to do instead
 
 
-def test_auto_with_tensorrt_installed_still_builds_with_onnxruntime(monkeypatch):
-    # TensorRT and a GPU present, but this version cannot build TensorRT engines: auto must not pick it.
+def test_auto_picks_tensorrt_when_present(monkeypatch):
     monkeypatch.setattr(registry, "tensorrt_present", lambda: True)
-    assert resolve_backend("auto", None) == ("onnxruntime", "onnxruntime")
-    assert resolve_backend("auto", "tensorrt") == ("onnxruntime-reference", "tensorrt")
-    with pytest.raises(DeployError, match="does not build TensorRT engines yet") as exc:
-        resolve_backend("tensorrt", "tensorrt")
+    assert resolve_backend("auto", None) == ("tensorrt", "tensorrt")
+    assert resolve_backend("tensorrt", "tensorrt") == ("tensorrt", "tensorrt")
+    assert resolve_backend("auto", "onnxruntime") == ("onnxruntime", "onnxruntime")
+    with pytest.raises(DeployError, match="cannot run on TensorRT") as exc:
+        resolve_backend("tensorrt", "onnxruntime")
     assert "\n" not in str(exc.value)
 
 
@@ -143,8 +142,8 @@ def test_get_backend_returns_registered_instances():
     assert isinstance(get_backend("onnxruntime"), OnnxRuntimeBackend)
     ref = get_backend("onnxruntime-reference")
     assert isinstance(ref, OnnxRuntimeReferenceBackend)
-    assert {cls.engine_suffix for cls in BACKENDS.values()} == {".ort.onnx", ".ref.onnx"}
-    assert all(cls.available() for cls in BACKENDS.values())
+    assert {cls.engine_suffix for cls in BACKENDS.values()} == {".ort.onnx", ".ref.onnx", ".plan"}
+    assert OnnxRuntimeBackend.available() and OnnxRuntimeReferenceBackend.available()
 
 
 # --- OnnxRuntimeBackend --------------------------------------------------------------------------------

@@ -6,11 +6,13 @@ import importlib.util
 
 from repapq_deploy.backends.base import Backend
 from repapq_deploy.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeReferenceBackend
+from repapq_deploy.backends.tensorrt import TensorRTBackend
 from repapq_deploy.errors import DeployError
 
 BACKENDS: dict[str, type[Backend]] = {
     OnnxRuntimeBackend.name: OnnxRuntimeBackend,
     OnnxRuntimeReferenceBackend.name: OnnxRuntimeReferenceBackend,
+    TensorRTBackend.name: TensorRTBackend,
 }
 
 
@@ -33,24 +35,20 @@ def get_backend(name: str) -> Backend:
 def resolve_backend(backend: str, profile: str | None) -> tuple[str, str]:
     """Turn ``--backend``/``--profile`` into (engine backend name, quantization profile).
 
-    ``auto`` picks TensorRT when this version has its engine builder, TensorRT is importable and a
-    GPU is present, else ONNX Runtime. The
+    ``auto`` picks TensorRT when it is importable and a GPU is present, else ONNX Runtime. The
     profile defaults to the backend's. A TensorRT-profile graph without TensorRT is verified by
     ONNX Runtime's reference execution instead of failing.
     """
     if backend not in ("auto", "onnxruntime", "tensorrt"):
         raise DeployError(f"--backend {backend}: choose auto, onnxruntime or tensorrt")
     if backend == "auto":
-        backend = "tensorrt" if "tensorrt" in BACKENDS and tensorrt_present() else "onnxruntime"
+        # an explicit ORT profile means the user wants the ORT engine, wherever TensorRT exists
+        backend = "tensorrt" if tensorrt_present() and profile != "onnxruntime" else "onnxruntime"
     profile = profile or backend
     if backend == "tensorrt":
         if not tensorrt_present():
             raise DeployError("--backend tensorrt: TensorRT or a CUDA GPU is not available here; install "
                               "repapq-deploy[gpu] on a GPU host, or use --backend onnxruntime")
-        if "tensorrt" not in BACKENDS:
-            raise DeployError("--backend tensorrt: this version of repapq-deploy exports TensorRT-profile "
-                              "graphs but does not build TensorRT engines yet; use --backend onnxruntime "
-                              "--profile tensorrt to verify the graph with ONNX Runtime")
         if profile != "tensorrt":
             raise DeployError(f"--profile {profile} cannot run on TensorRT (uint8 activations); "
                               "use --profile tensorrt")
