@@ -16,7 +16,7 @@ import click
 from rich.markup import escape
 
 from repapq_deploy import __version__
-from repapq_deploy.calibrate import METHODS
+from repapq_deploy.calibrate.methods import all_methods
 from repapq_deploy.errors import DeployError
 from repapq_deploy.pipeline import STAGES, Build, BuildOptions
 from repapq_deploy.progress import console, log
@@ -59,8 +59,10 @@ def build_options(fn):
                      help="Weight and activation bits; 6 is emulated exactly on INT8 kernels."),
         click.option("--first-last-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
                      help="Bits of the first conv and the classifier."),
-        click.option("--method", type=click.Choice(sorted(METHODS)), default="percentile", show_default=True,
-                     help="Calibration method."),
+        click.option("--method", type=click.Choice(all_methods()), default="percentile", show_default=True,
+                     help="Calibration method: a range method, or reconstruction (repapq, brecq)."),
+        click.option("--preset", type=click.Choice(["fast", "default", "thorough"]), default="default",
+                     show_default=True, help="Reconstruction effort (repapq, brecq): time vs accuracy."),
         click.option("--profile", type=click.Choice(["tensorrt", "onnxruntime"]),
                      help="Quantization scheme (default: the backend's)."),
         click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",

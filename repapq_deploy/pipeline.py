@@ -68,6 +68,7 @@ class BuildOptions:
     bits: int = 8
     first_last_bits: int = 8
     method: str = "percentile"
+    preset: str = "default"
     profile: str | None = None
     backend: str = "auto"
     out: str | None = None  # default: engines/<model file stem>
@@ -255,7 +256,8 @@ class Build:
 
     def calibrate(self) -> dict:
         o = self.opts
-        options = {"method": o.method, **self.qconfig.to_dict(), "calib_count": o.calib_count, "seed": o.seed,
+        options = {"method": o.method, "preset": o.preset, **self.qconfig.to_dict(), "calib_count": o.calib_count,
+                   "seed": o.seed,
                    "device": o.device, "batch_size": o.batch_size}
         inputs = {"fused": self._hash("reparam", FUSED), "calib": self.calib_hash}
         return self._stage("calibrate", inputs, options, [QSTATE], self._run_calibrate)
@@ -264,8 +266,10 @@ class Build:
         o = self.opts
         torch.manual_seed(o.seed)
         qm = quantize_model(self.fused, self.qconfig)
-        result = calibrate(qm, self.calib_data.x, o.method, o.batch_size, device=o.device)
-        save_torch({"scales": qm.scales(), "config": self.qconfig.to_dict(), "method": o.method}, self.out / QSTATE)
+        result = calibrate(qm, self.calib_data.x, o.method, o.batch_size, device=o.device, preset=o.preset,
+                           seed=o.seed)
+        save_torch({"scales": qm.scales(), "layers": qm.layer_tensors(), "config": self.qconfig.to_dict(),
+                    "method": o.method}, self.out / QSTATE)
         self._qm = qm
         return result.to_dict()
 
@@ -275,6 +279,7 @@ class Build:
             state = torch.load(self.out / QSTATE, map_location="cpu", weights_only=True)
             qm = quantize_model(self.fused, QuantConfig(**state["config"]))
             qm.load_scales(state["scales"])
+            qm.load_layer_tensors(state["layers"])
             qm.set_mode("quant")
             self._qm = qm
         return self._qm

@@ -8,7 +8,7 @@ Reconstruction methods (``repapq``, ``brecq``) register into the same table.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -142,13 +142,14 @@ METHODS: dict[str, RangeMethod] = {
 
 @dataclass
 class CalibrationResult:
-    """What a calibration run did: method, images, time, and the quantizer count."""
+    """What a calibration run did: method, images, time, the quantizer count and method details."""
 
     method: str
     images: int
     seconds: float
     activation_quantizers: int
     weight_quantizers: int
+    details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -170,34 +171,56 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: int = 32,
-              device: str = "cpu") -> CalibrationResult:
-    """Set every scale of ``qm`` from ``data`` with ``method``; leaves ``qm`` in ``quant`` mode on the CPU."""
-    if method not in METHODS:
-        raise DeployError(f"--method {method}: unknown; choose one of {', '.join(METHODS)}")
-    m = METHODS[method]
-    device = resolve_device(device)
-    t0 = time.perf_counter()
+def set_ranges(qm: QuantizedModel, data: torch.Tensor, act: RangeMethod, weight: RangeMethod,
+               batch_size: int = 32, device: str = "cpu") -> None:
+    """Set every scale from calibration statistics: activations with ``act``, weights with ``weight``.
+
+    Leaves ``qm`` in ``quant`` mode on ``device``.
+    """
     qm.module.eval().to(device)
     observers = {}
     for name, q in qm.act_quantizers.items():
         q.observer = observers[name] = HistogramObserver()
     qm.set_mode("observe")
-    _run(qm, data, batch_size, f"calibrate [{method}] ranges", device)
-    if m.needs_histogram:
+    _run(qm, data, batch_size, f"calibrate [{act.name}] ranges", device)
+    if act.needs_histogram:
         for obs in observers.values():
             obs.collect_histogram = True
-        _run(qm, data, batch_size, f"calibrate [{method}] histograms", device)
+        _run(qm, data, batch_size, f"calibrate [{act.name}] histograms", device)
     with torch.no_grad():
         for name, q in qm.act_quantizers.items():
-            amax = m.activation_amax(observers[name], q.fmt) if observers[name].amax > 0 else 0.0
+            amax = act.activation_amax(observers[name], q.fmt) if observers[name].amax > 0 else 0.0
             q.scale.fill_(max(amax, _EPS) / q.fmt.qmax)
             q.observer = None
         for layer in qm.weight_layers.values():
             wq = layer.weight_quantizer
             w = layer.weight.detach().reshape(layer.weight.shape[0], -1).cpu()
-            wq.scale.copy_(m.weight_amax(w, wq.fmt).clamp_min(_EPS) / wq.fmt.qmax)
+            wq.scale.copy_((weight.weight_amax(w, wq.fmt).clamp_min(_EPS) / wq.fmt.qmax).to(wq.scale.device))
+    qm.set_mode("quant")
+
+
+def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: int = 32,
+              device: str = "cpu", preset: str = "default", seed: int = 0) -> CalibrationResult:
+    """Set every scale of ``qm`` from ``data`` with ``method``; leaves ``qm`` in ``quant`` mode on the CPU."""
+    from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, reconstruct
+
+    if method not in METHODS and method not in RECONSTRUCTION:
+        raise DeployError(f"--method {method}: unknown; choose one of {', '.join(all_methods())}")
+    device = resolve_device(device)
+    t0 = time.perf_counter()
+    details: dict = {}
+    if method in METHODS:
+        set_ranges(qm, data, METHODS[method], METHODS[method], batch_size, device)
+    else:
+        details = reconstruct(qm, data, RECONSTRUCTION[method], preset, batch_size, device, seed)
     qm.module.cpu()
     qm.set_mode("quant")
     return CalibrationResult(method, len(data), time.perf_counter() - t0,
-                             len(qm.act_quantizers), len(qm.weight_layers))
+                             len(qm.act_quantizers), len(qm.weight_layers), details)
+
+
+def all_methods() -> list[str]:
+    """Every calibration method name: range methods and reconstruction methods."""
+    from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION
+
+    return sorted(METHODS) + sorted(RECONSTRUCTION)

@@ -87,6 +87,8 @@ class ActQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
         self.mode = "off"
         self.observer = None
+        # QDrop: while training, keep this fraction of elements unquantized (a flatter loss landscape)
+        self.drop_prob = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":
@@ -99,7 +101,10 @@ class ActQuantizer(nn.Module):
             hi = self.scale.detach() * self.fmt.qmax
             clip = ("integer" if self.integer_clip else "float") if self.fmt.emulated else "none"
             return _ActQDQ.apply(x, self.scale.detach(), lo, hi, self.fmt.qmin, self.fmt.qmax, self.fmt.signed, clip)
-        return fake_quant(x, self.scale, self.fmt)
+        q = fake_quant(x, self.scale, self.fmt)
+        if self.training and self.drop_prob > 0:
+            return torch.where(torch.rand_like(x) < self.drop_prob, x, q)
+        return q
 
     def extra_repr(self) -> str:
         kind = "int" if self.fmt.signed else "uint"
@@ -155,6 +160,46 @@ class _QuantWeightMixin:
     # to the graph. Set by placement when the profile quantizes biases.
     input_quantizer: ActQuantizer | None = None
 
+    def enable_affine(self) -> None:
+        """QPRep: learn a channel-wise affine ``y = eta * op(Q(x), Q(W)) + eps`` on this layer's output.
+
+        ``eta`` starts at 1 and ``eps`` at the bias; :meth:`fold_affine` folds both away exactly.
+        """
+        channels = self.weight.shape[0]
+        bias = self.bias.detach().clone() if self.bias is not None else torch.zeros(channels)
+        self.eta = nn.Parameter(torch.ones(channels, device=self.weight.device))
+        self.eps = nn.Parameter(bias.to(self.weight.device))
+
+    @property
+    def has_affine(self) -> bool:
+        return "eta" in self._parameters
+
+    def _affine(self, y: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        return y * self.eta.view(shape) + self.eps.view(shape)
+
+    @torch.no_grad()
+    def fold_affine(self) -> None:
+        """Fold eta into the per-channel weight scale (``|eta| * s_w``; a negative eta flips that
+        channel's integer weights) and eps into the bias. The integer weights are taken before the
+        fold, so rounding cannot change them."""
+        if not self.has_affine:
+            return
+        eta, eps = self.eta.detach(), self.eps.detach()
+        wq = self.weight_quantizer
+        w_int = wq.integer(self.weight).float()
+        sign = torch.where(eta < 0, -1.0, 1.0)
+        scale = (wq.scale.detach() * eta.abs()).clamp_min(1e-12)
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        # the float weight becomes the dequantized value, so integer() returns sign * w_int exactly
+        self.weight.copy_(w_int * sign.view(shape) * scale.view(shape))
+        wq.scale.copy_(scale)
+        del self.eta, self.eps
+        if self.bias is None:
+            self.bias = nn.Parameter(eps.clone())
+        else:
+            self.bias.copy_(eps)
+
     def attach_input_quantizer(self, quantizer: ActQuantizer) -> None:
         """Quantize the bias on this quantizer's grid times the weight's (int32, ORT style)."""
         object.__setattr__(self, "input_quantizer", quantizer)  # not a submodule: owned by the graph
@@ -199,6 +244,8 @@ class QuantConv2d(nn.Conv2d, _QuantWeightMixin):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_affine:
+            return self._affine(self._conv_forward(x, self.quantized_weight(), None))
         return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
 
@@ -214,4 +261,6 @@ class QuantLinear(nn.Linear, _QuantWeightMixin):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_affine:
+            return self._affine(F.linear(x, self.quantized_weight(), None))
         return F.linear(x, self.quantized_weight(), self.quantized_bias())

@@ -127,10 +127,36 @@ class QuantizedModel:
         for layer in self.weight_layers.values():
             layer.weight_quantizer.enabled = mode == "quant"
 
+    def fold_affine(self) -> None:
+        """Fold every QPRep affine layer into its weight scales and bias (exact; see fold_affine)."""
+        for layer in self.weight_layers.values():
+            layer.fold_affine()
+
     def freeze_for_export(self) -> None:
-        """Fix the integer weights from the current scales (call right before ONNX export)."""
+        """Fold affine layers and fix the integer weights from the current scales (right before export)."""
+        self.fold_affine()
         for layer in self.weight_layers.values():
             layer.freeze_integer_weight()
+
+    def layer_tensors(self) -> dict[str, torch.Tensor]:
+        """Weights and biases of the quantized layers (calibration may change them, e.g. QPRep's fold)."""
+        out = {}
+        for name, layer in self.weight_layers.items():
+            out[f"{name}.weight"] = layer.weight.detach().clone()
+            if layer.bias is not None:
+                out[f"{name}.bias"] = layer.bias.detach().clone()
+        return out
+
+    def load_layer_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`layer_tensors`."""
+        with torch.no_grad():
+            for name, layer in self.weight_layers.items():
+                layer.weight.copy_(tensors[f"{name}.weight"])
+                if f"{name}.bias" in tensors:
+                    if layer.bias is None:
+                        layer.bias = torch.nn.Parameter(tensors[f"{name}.bias"].clone())
+                    else:
+                        layer.bias.copy_(tensors[f"{name}.bias"])
 
     def scales(self) -> dict[str, torch.Tensor]:
         """All scales by quantizer name (the heart of ``qstate.pt``)."""

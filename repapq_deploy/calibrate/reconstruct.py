@@ -1,0 +1,290 @@
+"""Reconstruction-based calibration: RepAPQ (QPRep + MAE + across-block calibration) and BRECQ-style.
+
+RepAPQ (arXiv 2402.16121), as implemented here (every choice is documented in docs/method.md):
+
+1. range initialisation: MAE clip search for activations (per tensor, exact zeros left out) and
+   min-max for weights (per channel);
+2. QPRep: a channel-wise affine ``eta * op(Q(x), Q(W)) + eps`` on every conv/linear output, learned
+   with the quantizers and folded exactly into the weight scales and biases afterwards;
+3. ABC: the network is cut into units (timm's stem / ``stages[i]`` / head, or cuts at spatial
+   resolution changes); unit k is trained on the output of the already-calibrated quantized units
+   1..k-1 against the FP32 output of unit k on the same images, so errors are corrected rather than
+   compounded. Step sizes (LSQ-style straight-through gradients), eta and eps are trained jointly with
+   Adam on the mean absolute error, with cosine decay.
+
+``brecq`` is the classic baseline in the same machinery: one unit per weight layer (block-wise), MSE,
+no affine (AdaRound is not implemented; the weight rounding stays round-to-nearest).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from repapq_deploy.calibrate.methods import METHODS, set_ranges
+from repapq_deploy.errors import DeployError
+from repapq_deploy.progress import console, log
+from repapq_deploy.quant.fakequant import ActQuantizer, QuantConv2d, QuantLinear
+from repapq_deploy.quant.placement import QuantizedModel
+
+
+@dataclass(frozen=True)
+class ReconSettings:
+    """One reconstruction recipe."""
+
+    name: str
+    init_act: str = "mae"
+    # min-max, not MAE, for weights: an MAE clip search cuts the large centre tap that a fused
+    # identity branch adds to RepVGG kernels (W6A6 fell to ~39 % that way; see docs/method.md)
+    init_weight: str = "minmax"
+    loss: str = "mae"  # mae | mse
+    affine: bool = True  # QPRep
+    learn_scales: bool = True  # LSQ step sizes
+    granularity: str = "stage"  # stage (ABC) | block
+    iters: int = 1000
+    lr_affine: float = 1e-3
+    lr_scale: float = 4e-5
+    qdrop: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+RECONSTRUCTION: dict[str, ReconSettings] = {
+    "repapq": ReconSettings("repapq"),
+    "brecq": ReconSettings("brecq", init_act="mse", init_weight="mse", loss="mse", affine=False,
+                           granularity="block"),
+}
+PRESETS: dict[str, dict] = {
+    "fast": {"iters": 200},
+    "default": {"iters": 1000},
+    "thorough": {"iters": 3000},
+}
+
+
+# --- units ------------------------------------------------------------------------------------------
+
+_STAGE = re.compile(r"^(stem|stages\.\d+|layer\d+|features\.\d+)")
+
+
+def _is_quantizer(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(node.target), ActQuantizer)
+
+
+def _is_weighted(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and isinstance(modules.get(node.target), (QuantConv2d, QuantLinear))
+
+
+def _resolution_labels(gm: fx.GraphModule, nodes: list[fx.Node], sample: torch.Tensor) -> dict[str, str]:
+    """Stages found by tracing: a new unit at every change of spatial resolution; the head is what
+    follows the last 4-D tensor."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(sample)
+    labels, current, resolution = {}, "stem", None
+    for node in nodes:
+        meta = node.meta.get("tensor_meta")
+        shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
+        if len(shape) == 4 and shape[-2:] != resolution:
+            current = "stem" if resolution is None else f"resolution_{shape[-2]}x{shape[-1]}"
+            resolution = shape[-2:]
+        elif len(shape) != 4 and resolution is not None:
+            current = "head"
+        labels[node.name] = current
+    return labels
+
+
+def unit_labels(gm: fx.GraphModule, granularity: str, sample: torch.Tensor) -> dict[str, str]:
+    """Label every compute node with the unit it belongs to.
+
+    ``stage``: timm-style module paths (``stem``, ``stages.i``/``layerN``...; what follows the last
+    stage is the head), or resolution changes found by tracing when the model has no such names.
+    ``block``: one unit per weight layer with the ops that follow it. A quantizer belongs to the unit
+    of the layer that reads it, since its scale is learned there.
+    """
+    modules = dict(gm.named_modules())
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    compute = [n for n in nodes if not _is_quantizer(n, modules)]
+    labels: dict[str, str] = {}
+    current, seen_stage = "stem", False
+    for node in compute:
+        if granularity == "block":
+            if _is_weighted(node, modules):
+                current = node.target
+        elif node.op == "call_module":
+            m = _STAGE.match(node.target)
+            if m and m.group(1) != "stem":
+                seen_stage = True
+            current = m.group(1) if m else ("head" if seen_stage else "stem")
+        labels[node.name] = current
+    if granularity == "stage" and not seen_stage:
+        labels = _resolution_labels(gm, compute, sample)
+    for node in reversed(nodes):
+        if _is_quantizer(node, modules):
+            users = [u for u in node.users if u.name in labels]
+            labels[node.name] = labels[users[0].name] if users else current
+    return labels
+
+
+@dataclass
+class Unit:
+    """A contiguous piece of the graph with one input tensor and one output tensor."""
+
+    name: str
+    module: fx.GraphModule
+    input_node: str
+    output_node: str
+
+
+def split_units(gm: fx.GraphModule, labels: dict[str, str]) -> list[Unit]:
+    """Cut the graph into single-input, single-output units in topological order.
+
+    Runs of equal labels are merged with the next run when they have more than one external input
+    or more than one output used later (e.g. a residual that crosses the cut).
+    """
+    nodes = [n for n in gm.graph.nodes if n.name in labels]
+    runs: list[list[fx.Node]] = []
+    for node in nodes:
+        if runs and labels[runs[-1][-1].name] == labels[node.name]:
+            runs[-1].append(node)
+        else:
+            runs.append([node])
+    units: list[Unit] = []
+    pending: list[fx.Node] = []
+    for i, run in enumerate(runs):
+        pending += run
+        inside = {n.name for n in pending}
+        external = {a.name for n in pending for a in n.all_input_nodes if a.name not in inside}
+        used_later = [n for n in pending if any(u.name not in inside for u in n.users)]
+        last = i == len(runs) - 1
+        if not last and (len(external) != 1 or len(used_later) != 1 or used_later[0] is not pending[-1]):
+            continue
+        if len(external) != 1:
+            raise DeployError("reconstruction needs a graph with one input; this model has several")
+        units.append(_subgraph(gm, pending, next(iter(external)), labels[pending[0].name]))
+        pending = []
+    return units
+
+
+def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], input_name: str, name: str) -> Unit:
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {input_name: graph.placeholder("x")}
+    for node in nodes:
+        env[node.name] = graph.node_copy(node, lambda n: env[n.name])
+    graph.output(env[nodes[-1].name])
+    return Unit(name, fx.GraphModule(gm, graph, f"unit_{name.replace('.', '_')}"), input_name, nodes[-1].name)
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+def _unit_params(unit: Unit, settings: ReconSettings) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    scales, affine = [], []
+    for m in unit.module.modules():
+        if isinstance(m, ActQuantizer) and settings.learn_scales:
+            scales.append(m.scale)
+        elif isinstance(m, (QuantConv2d, QuantLinear)):
+            if settings.learn_scales:
+                scales.append(m.weight_quantizer.scale)
+            if m.has_affine:
+                affine += [m.eta, m.eps]
+    return scales, affine
+
+
+def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    diff = pred - target
+    return diff.abs().mean() if kind == "mae" else diff.pow(2).mean()
+
+
+@torch.no_grad()
+def _forward_all(module: nn.Module, x: torch.Tensor, batch_size: int, device: str) -> torch.Tensor:
+    return torch.cat([module(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+
+
+def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: ReconSettings,
+                batch_size: int, device: str, generator: torch.Generator) -> tuple[float, float]:
+    module = unit.module
+    scales, affine = _unit_params(unit, settings)
+    for p in scales + affine:
+        p.requires_grad_(True)
+    groups = [g for g in ({"params": scales, "lr": settings.lr_scale}, {"params": affine, "lr": settings.lr_affine})
+              if g["params"]]
+    with torch.no_grad():
+        before = float(_loss(_forward_all(module, x_q, 256, device), y_fp, "mae"))
+    if not groups or settings.iters == 0:
+        return before, before
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / settings.iters)))
+    for m in module.modules():
+        if isinstance(m, ActQuantizer):
+            m.drop_prob = settings.qdrop
+    module.train()
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4g}"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"{settings.name} {unit.name}", total=settings.iters, loss=before)
+        for step in range(settings.iters):
+            idx = torch.randint(0, len(x_q), (min(batch_size, len(x_q)),), generator=generator)
+            loss = _loss(module(x_q[idx].to(device)), y_fp[idx].to(device), settings.loss)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for p in scales:
+                    p.clamp_(min=1e-8)  # a step size must stay positive
+            if step % 10 == 0:
+                progress.update(task, completed=step + 1, loss=float(loss.detach()))
+    module.eval()
+    for m in module.modules():
+        if isinstance(m, ActQuantizer):
+            m.drop_prob = 0.0
+    for p in scales + affine:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        after = float(_loss(_forward_all(module, x_q, 256, device), y_fp, "mae"))
+    return before, after
+
+
+def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, preset: str, batch_size: int,
+                device: str, seed: int) -> dict:
+    """Calibrate ``qm`` on ``data`` with a reconstruction recipe; returns details for the report."""
+    if preset not in PRESETS:
+        raise DeployError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+    settings = replace(base, **PRESETS[preset])
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    set_ranges(qm, data, METHODS[settings.init_act], METHODS[settings.init_weight], batch_size, device)
+    if settings.affine:
+        for layer in qm.weight_layers.values():
+            layer.enable_affine()
+    gm = qm.module.to(device)
+    units = split_units(gm, unit_labels(gm, settings.granularity, data[:1].to(device)))
+    log(f"  {settings.name}: {len(units)} units ({', '.join(u.name for u in units)}), "
+        f"{settings.iters} iterations each")
+    x_q = data  # input of the current unit under the quantized model
+    x_fp = data  # the same under the FP32 model
+    per_unit = []
+    for unit in units:
+        qm.set_mode("off")
+        y_fp = _forward_all(unit.module, x_fp, batch_size, device)
+        qm.set_mode("quant")
+        before, after = _train_unit(unit, x_q, y_fp, settings, batch_size, device, generator)
+        per_unit.append({"unit": unit.name, "mae_before": before, "mae_after": after})
+        x_q = _forward_all(unit.module, x_q, batch_size, device)
+        x_fp = y_fp
+    qm.module.cpu()
+    qm.fold_affine()
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"settings": settings.to_dict(), "preset": preset, "units": per_unit,
+            "reconstruction_seconds": time.perf_counter() - t0, "peak_memory_mib": peak_mib}
