@@ -81,27 +81,31 @@ def is_nonnegative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         node = node.args[0]
 
 
-# --- placement rules: (node, profile) -> positions of node.args to quantize (None: none) -----------
+# --- placement rules: (node, profile, modules) -> positions of node.args to quantize -----------------
 
-def _first_input(node: fx.Node, profile: Profile) -> list[int]:  # noqa: ARG001
+def _first_input(node: fx.Node, profile: Profile, modules: dict[str, nn.Module]) -> list[int]:  # noqa: ARG001
     return [0]
 
 
-def _add_inputs(node: fx.Node, profile: Profile) -> list[int]:
+def _add_inputs(node: fx.Node, profile: Profile, modules: dict[str, nn.Module]) -> list[int]:
     args = [i for i, a in enumerate(node.args[:2]) if isinstance(a, fx.Node)]
     if len(args) < 2:
         return []
     if profile.add_quantizes_both_inputs:
         return args
     # TensorRT: Q/DQ on the shortcut only, so the add fuses into the other branch's conv epilogue.
+    # The shortcut is the operand that is not a conv output, whichever side of the + it is on.
+    from_conv = [op_kind(node.args[i], modules) == "conv" for i in args]
+    if from_conv.count(True) == 1:
+        return [args[from_conv.index(False)]]
     return [args[-1]]
 
 
-def _cat_inputs(node: fx.Node, profile: Profile) -> list[int]:  # noqa: ARG001
+def _cat_inputs(node: fx.Node, profile: Profile, modules: dict[str, nn.Module]) -> list[int]:  # noqa: ARG001
     return [0]  # args[0] is the list of tensors; handled as one shared quantizer
 
 
-PLACEMENT: dict[str, Callable[[fx.Node, Profile], list[int]]] = {
+PLACEMENT: dict[str, Callable[[fx.Node, Profile, dict[str, nn.Module]], list[int]]] = {
     "conv": _first_input,
     "linear": _first_input,
     "avgpool": _first_input,
@@ -233,6 +237,15 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
         quantized_of[src.name] = qn
         return qn
 
+    def existing_quantizer(t: fx.Node) -> str | None:
+        if t.op == "call_module" and isinstance(modules.get(t.target), ActQuantizer):
+            return t.target
+        if t.name in quantized_of:
+            return quantized_of[t.name].target
+        if op_kind(t, modules) == "maxpool" and isinstance(t.args[0], fx.Node):
+            return existing_quantizer(t.args[0])
+        return None
+
     for node in nodes:
         kind = op_kind(node, modules)
         rule = PLACEMENT.get(kind)
@@ -242,7 +255,11 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
         if kind == "cat":
             tensors = node.args[0]
             nonneg = all(is_nonnegative(t, modules) for t in tensors)
-            shared = new_quantizer(bits, nonneg)  # one scale for all inputs (and the output)
+            # One scale for all inputs and the output. An input that already carries a scale (a
+            # nested concat, or a MaxPool tied to its input) lends it, so those ties hold too.
+            lent = [q for q in (existing_quantizer(t) for t in tensors)
+                    if q is not None and (modules[q].fmt.signed or nonneg)]
+            shared = lent[0] if lent else new_quantizer(bits, nonneg)
             qs = []
             for t in tensors:
                 with graph.inserting_after(t):
@@ -251,7 +268,7 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
             with graph.inserting_after(node):
                 quantized_of[node.name] = graph.call_module(shared, (node,))
             continue
-        for pos in rule(node, profile):
+        for pos in rule(node, profile, modules):
             src = node.args[pos]
             if isinstance(src, fx.Node):
                 qn = quantized(src, bits)

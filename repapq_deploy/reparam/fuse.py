@@ -54,7 +54,8 @@ def _call_block_fusers(model: nn.Module) -> dict[str, int]:
     for module in reversed(list(model.modules())):
         for name in FUSE_METHODS:
             fn = getattr(module, name, None)
-            if not callable(fn) or isinstance(module, (nn.Sequential, nn.ModuleList)):
+            # a submodule that happens to be called `fuse` (a neck's conv) is not a fusion method
+            if not callable(fn) or isinstance(fn, nn.Module) or isinstance(module, (nn.Sequential, nn.ModuleList)):
                 continue
             params = [p for p in inspect.signature(fn).parameters.values()
                       if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
