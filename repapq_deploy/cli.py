@@ -308,3 +308,23 @@ def check(report, baseline, max_latency_regression, max_accuracy_drop, update_ba
                gate.OTHER_HARDWARE: "[yellow]baseline from different hardware: latency not compared[/yellow]"}
     log(f"check: {verdict[code]}")
     sys.exit(code)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--target", type=click.Choice(["tensorrt", "onnxruntime"]), required=True,
+              help="Backend whose Q/DQ placement rules to check.")
+@click.option("--json", "as_json", is_flag=True, help="Print the violations as JSON on stdout.")
+@_guard
+def lint(model, target, as_json) -> None:
+    """Check a QDQ ONNX graph against a backend's Q/DQ placement rules (exit 1 on violations)."""
+    from repapq_deploy.export.lint import lint_model
+
+    violations = lint_model(model, target)
+    if as_json:
+        click.echo(json.dumps([v.__dict__ | {"nodes": list(v.nodes)} for v in violations], indent=2))
+    else:
+        for v in violations:
+            click.echo(str(v))
+        log(f"{model}: {len(violations)} violation(s) of the {target} rules")
+    sys.exit(1 if violations else 0)

@@ -15,9 +15,10 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
-from repapq_deploy.artifacts import save_torch, sha256_path, write_json, write_text
+from repapq_deploy.artifacts import atomic_path, save_torch, sha256_path, write_json, write_text
 from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_backend
 from repapq_deploy.backends.onnxruntime import OrtRunner
 from repapq_deploy.calibrate import calibrate
@@ -30,7 +31,16 @@ from repapq_deploy.data.loader import (
 )
 from repapq_deploy.environment import code_hash, hardware, versions
 from repapq_deploy.errors import DeployError
-from repapq_deploy.export import check_against_torch, export_fp32, export_qdq, graph_summary
+from repapq_deploy.export import (
+    check_against_torch,
+    convert_to_fp16,
+    export_fp32,
+    export_qdq,
+    fp16_report,
+    graph_summary,
+)
+from repapq_deploy.export.lint import lint_model
+from repapq_deploy.export.onnx import INPUT_NAME, reference_session
 from repapq_deploy.load import LoadedModel, load_model, zip_names
 from repapq_deploy.manifest import Manifest
 from repapq_deploy.progress import log
@@ -49,6 +59,9 @@ from repapq_deploy.verify import (
 
 STAGES = ("reparam", "calibrate", "export", "engine", "verify")
 FUSED, QSTATE, FP32_ONNX, QDQ_ONNX = "fused.pt", "qstate.pt", "model.fp32.onnx", "model.qdq.onnx"
+# TensorRT profile: the QDQ graph with FP16 outside the Q/DQ pairs (TensorRT builds strongly typed),
+# and the FP32 model in FP16 for the FP16 reference engine
+QDQ_FP16_ONNX, FP16_ONNX, FP16_PLAN = "model.qdq.fp16.onnx", "model.fp16.onnx", "model.fp16.plan"
 REPORT_JSON, REPORT_MD, MANIFEST = "report.json", "report.md", "manifest.json"
 EXACTNESS_SAMPLES = 32
 
@@ -284,10 +297,15 @@ class Build:
             self._qm = qm
         return self._qm
 
+    @property
+    def export_outputs(self) -> list[str]:
+        return [FP32_ONNX, QDQ_ONNX] + ([QDQ_FP16_ONNX, FP16_ONNX] if self.profile == "tensorrt" else [])
+
     def export(self) -> dict:
         inputs = {"fused": self._hash("reparam", FUSED), "qstate": self._hash("calibrate", QSTATE),
                   "calib": self.calib_hash}
-        return self._stage("export", inputs, {"opset": self.opts.opset}, [FP32_ONNX, QDQ_ONNX], self._run_export)
+        return self._stage("export", inputs, {"opset": self.opts.opset, "profile": self.profile},
+                           self.export_outputs, self._run_export)
 
     def _run_export(self) -> dict:
         x = self.calib_data.x
@@ -299,22 +317,50 @@ class Build:
                                  f"{check.agreement_top1:.2f} % of calibration samples")
         log(f"  ORT reference vs PyTorch fake-quant: agreement {check.agreement_top1:.2f} %, "
             f"max abs diff {check.max_abs_diff:.3g}")
-        return {"check": check.to_dict(), "fp32_graph": graph_summary(self.out / FP32_ONNX),
-                "qdq_graph": graph_summary(self.out / QDQ_ONNX)}
+        result = {"check": check.to_dict(), "fp32_graph": graph_summary(self.out / FP32_ONNX),
+                  "qdq_graph": graph_summary(self.out / QDQ_ONNX)}
+        linted = QDQ_ONNX
+        if self.profile == "tensorrt":
+            for src, dst in ((QDQ_ONNX, QDQ_FP16_ONNX), (FP32_ONNX, FP16_ONNX)):
+                converted = convert_to_fp16(onnx.load(str(self.out / src)))
+                with atomic_path(self.out / dst) as tmp:
+                    onnx.save(converted, str(tmp))
+            result["fp16"] = fp16_report(onnx.load(str(self.out / QDQ_FP16_ONNX)))
+            linted = QDQ_FP16_ONNX  # the graph TensorRT builds from
+        violations = lint_model(self.out / linted, self.profile)
+        for v in violations:
+            self.warnings.append(f"lint ({linted}): {v}")
+        log(f"  lint {linted} for {self.profile}: {len(violations)} violation(s)")
+        result["lint"] = {"graph": linted, "target": self.profile, "violations": [str(v) for v in violations]}
+        return result
 
     @property
     def engine_file(self) -> str:
         return "model" + get_backend(self.engine_backend).engine_suffix
 
+    @property
+    def engine_source(self) -> str:
+        return QDQ_FP16_ONNX if self.engine_backend == "tensorrt" else QDQ_ONNX
+
     def engine(self) -> dict:
-        inputs = {"qdq": self._hash("export", QDQ_ONNX)}
-        return self._stage("engine", inputs, {"backend": self.engine_backend}, [self.engine_file],
-                           self._run_engine)
+        inputs = {"source": self._hash("export", self.engine_source)}
+        outputs = [self.engine_file]
+        if self.engine_backend == "tensorrt":
+            outputs += [self.engine_file + ".json", FP16_PLAN, FP16_PLAN + ".json"]
+        return self._stage("engine", inputs, {"backend": self.engine_backend}, outputs, self._run_engine)
 
     def _run_engine(self) -> dict:
-        info = get_backend(self.engine_backend).build(self.out / QDQ_ONNX, self.out / self.engine_file)
+        backend = get_backend(self.engine_backend)
+        info = backend.build(self.out / self.engine_source, self.out / self.engine_file)
         info.path = self.engine_file
-        return info.to_dict()
+        result = info.to_dict()
+        if self.engine_backend == "tensorrt":
+            # the float speed/accuracy reference on the same GPU: an FP16 engine of the FP32 model
+            from repapq_deploy.backends.tensorrt import TensorRTBackend, TrtBuildOptions
+
+            TensorRTBackend(TrtBuildOptions(fp16_reference=True)).build(self.out / FP16_ONNX, self.out / FP16_PLAN)
+            result["reference_engine"] = FP16_PLAN
+        return result
 
     def verify(self) -> dict:
         o = self.opts
@@ -336,6 +382,16 @@ class Build:
         with backend.runner(self.out / self.engine_file) as runner:
             eng = predict(runner.infer, data.x, f"verify: engine ({backend.name})")
         accuracy = accuracy_metrics(fp32, fq, eng, labels)
+        parity = None
+        if self.engine_backend == "tensorrt":
+            # TensorRT's INT8 engine vs ONNX Runtime's reference execution of the same QDQ graph
+            reference = reference_session(self.out / QDQ_ONNX)
+            ref = predict(lambda a: reference.run(None, {INPUT_NAME: a})[0], data.x, "verify: ORT reference")
+            with backend.runner(self.out / FP16_PLAN) as runner:
+                fp16 = predict(runner.infer, data.x, "verify: TensorRT FP16")
+            parity = {"ort_reference_agreement_top1": float((ref.argmax(1) == eng.argmax(1)).mean() * 100),
+                      "ort_reference_max_abs_diff": float(np.abs(ref - eng).max()),
+                      "fp16_engine_top1": accuracy_metrics(fp32, fp16, fp16, labels)["engine"]["top1"]}
         latency = self._latency(backend)
         engine = dict(self.results["engine"])
         if engine["int8_op_fraction"] < 1.0:
@@ -348,6 +404,7 @@ class Build:
             "calibration": self.results["calibrate"],
             "reparam": self.results["reparam"],
             "export": self.results["export"],
+            "parity": parity,
             "data": {"calib": self.opts.calib, "eval": self.opts.eval or self.opts.calib},
             "config": {**self.opts.to_dict(), "profile": self.profile, "engine_backend": self.engine_backend},
             "versions": versions(),
@@ -361,11 +418,19 @@ class Build:
         return report
 
     def _latency(self, backend) -> dict:
+        """p50 latency of the engine and its float reference in the same backend, interleaved.
+
+        The reference is the FP32 ONNX in ONNX Runtime, or the FP16 engine on TensorRT (the
+        ``fp32`` keys keep their name so reports and baselines compare across backends).
+        """
         x = self.calib_data.x.numpy()
-        out: dict = {"fp32": {}, "engine": {}, "details": {}}
+        trt = self.engine_backend == "tensorrt"
+        out: dict = {"fp32": {}, "engine": {}, "details": {},
+                     "reference": "tensorrt-fp16" if trt else "onnxruntime-fp32"}
         for bs in (1, 32):
             batch = np.ascontiguousarray(np.resize(x, (bs,) + x.shape[1:]))
-            runners = {"fp32": OrtRunner(self.out / FP32_ONNX), "engine": backend.runner(self.out / self.engine_file)}
+            reference = backend.runner(self.out / FP16_PLAN) if trt else OrtRunner(self.out / FP32_ONNX)
+            runners = {"fp32": reference, "engine": backend.runner(self.out / self.engine_file)}
             stats = benchmark_interleaved(runners, batch, seconds=self.opts.bench_seconds,
                                           description="verify: latency")
             for name, s in stats.items():

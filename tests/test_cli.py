@@ -36,6 +36,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion_mnist"
 MODEL, CALIB, EVAL = EXAMPLE / "model.safetensors", EXAMPLE / "calib.npz", EXAMPLE / "eval.npz"
 FAST = ("--bench-seconds", "0.2", "--eval-count", "200")
 ARTIFACTS = {"fused.pt", "qstate.pt", "model.fp32.onnx", "model.qdq.onnx", "model.ort.onnx", "model.ref.onnx",
+             "model.qdq.fp16.onnx", "model.fp16.onnx",
              "report.json", "report.md", "latency.png", "accuracy.png"}
 REPORTS = {"report.json", "report.md", "latency.png", "accuracy.png"}
 METHODS = ("minmax", "percentile", "entropy", "mse", "mae")
@@ -203,7 +204,9 @@ def test_manifest_records_every_stage(build_of, profile, bits):
             assert sha256(b.out / file) == digest, f"{name}: {file}"
     assert set(m["stages"]["reparam"]["outputs"]) == {"fused.pt"}
     assert set(m["stages"]["calibrate"]["outputs"]) == {"qstate.pt"}
-    assert set(m["stages"]["export"]["outputs"]) == {"model.fp32.onnx", "model.qdq.onnx"}
+    fp16 = {"model.qdq.fp16.onnx", "model.fp16.onnx"} if profile == "tensorrt" else set()
+    assert set(m["stages"]["export"]["outputs"]) == {"model.fp32.onnx", "model.qdq.onnx"} | fp16
+    assert m["stages"]["export"]["result"]["lint"]["violations"] == []
     assert set(m["stages"]["engine"]["outputs"]) == {b.report["engine"]["path"]}
     assert set(m["stages"]["verify"]["outputs"]) == REPORTS
     assert m["stages"]["reparam"]["inputs"]["model"] == sha256(MODEL)

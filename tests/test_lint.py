@@ -6,6 +6,7 @@ rule test mutates one thing in it and checks that exactly that rule fires and na
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -534,3 +535,21 @@ def test_pool_concat_export_passes(tmp_path: Path, profile: str) -> None:
 
 def test_shortcut_first_residual_export_passes(tmp_path: Path) -> None:
     assert_passes_its_profile(export_small(ShortcutFirst, "tensorrt", "percentile", tmp_path / "m.onnx"), "tensorrt")
+
+
+def test_lint_command_exit_codes(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from repapq_deploy.cli import main
+    from repapq_deploy.export import convert_to_fp16
+
+    path = export_small(NestedConcat, "tensorrt", "percentile", tmp_path / "m.onnx")
+    runner = CliRunner()
+    result = runner.invoke(main, ["lint", str(path), "--target", "tensorrt"])
+    assert result.exit_code == 1 and "[fp32-region]" in result.output
+    fp16 = tmp_path / "m.fp16.onnx"
+    onnx.save(convert_to_fp16(onnx.load(str(path))), str(fp16))
+    result = runner.invoke(main, ["lint", str(fp16), "--target", "tensorrt", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == []
+    assert runner.invoke(main, ["lint", str(tmp_path / "missing.onnx"), "--target", "tensorrt"]).exit_code == 1

@@ -1,0 +1,153 @@
+"""Reconstruction calibration (repapq, brecq): units, QPRep fold, export exactness, pipeline reload."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from repapq_deploy.calibrate import calibrate
+from repapq_deploy.calibrate import reconstruct as R
+from repapq_deploy.export import check_against_torch, export_qdq
+from repapq_deploy.load import lift_exported
+from repapq_deploy.quant.placement import quantize_model
+from repapq_deploy.quant.scheme import QuantConfig
+from repapq_deploy.reparam import fuse_model
+
+
+@pytest.fixture(autouse=True)
+def tiny_preset(monkeypatch):
+    # A few iterations are enough to exercise the machinery; accuracy is the benchmark's job.
+    monkeypatch.setitem(R.PRESETS, "tiny", {"iters": 30})
+
+
+def top1(module, x, y) -> float:
+    with torch.no_grad():
+        return float((module(x).argmax(1) == y).float().mean() * 100)
+
+
+def test_stage_units_of_a_timm_model(fused_example, calib_x):
+    gm, _ = fused_example
+    qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
+    units = R.split_units(qm.module, R.unit_labels(qm.module, "stage", calib_x[:1]))
+    assert [u.name for u in units] == ["stem", "stages.0", "stages.1", "stages.2", "stages.3", "head"]
+    # chaining the units reproduces the whole model
+    qm.set_mode("off")
+    x = calib_x[:4]
+    with torch.no_grad():
+        out = x
+        for u in units:
+            out = u.module(out)
+        assert torch.allclose(out, qm.module(x))
+
+
+def test_block_units_one_per_weight_layer(fused_example, calib_x):
+    gm, _ = fused_example
+    qm = quantize_model(gm, QuantConfig("onnxruntime", 8, 8))
+    units = R.split_units(qm.module, R.unit_labels(qm.module, "block", calib_x[:1]))
+    assert len(units) == len(qm.weight_layers)
+
+
+def test_resolution_units_without_stage_names(calib_x):
+    # A lifted torch.export graph has no timm module paths: units follow resolution changes.
+    m = timm.create_model("repvgg_nano", num_classes=10, in_chans=1).eval()
+    gm = lift_exported(torch.export.export(m, (calib_x[:2],)).module())
+    fused, _ = fuse_model(gm, calib_x[:8])
+    qm = quantize_model(fused, QuantConfig("tensorrt", 8, 8))
+    names = [u.name for u in R.split_units(qm.module, R.unit_labels(qm.module, "stage", calib_x[:1]))]
+    assert names[0] == "stem" and names[-1] == "head"
+    assert [n for n in names if n.startswith("resolution_")] == ["resolution_8x8", "resolution_4x4",
+                                                                 "resolution_2x2", "resolution_1x1"]
+
+
+@pytest.mark.parametrize("profile", ["tensorrt", "onnxruntime"])
+def test_qprep_fold_is_exact_and_export_matches(fused_example, calib_x, tmp_path, profile):
+    gm, _ = fused_example
+    qm = quantize_model(gm, QuantConfig(profile, 6, 8))
+    calibrate(qm, calib_x, "repapq", preset="tiny")
+    assert not any(layer.has_affine for layer in qm.weight_layers.values())  # folded away
+    etas_moved = qm.layer_tensors()
+    assert etas_moved
+    path = tmp_path / "m.onnx"
+    export_qdq(qm, calib_x, path)
+    check = check_against_torch(qm, path, calib_x)
+    assert check.agreement_top1 == 100.0
+    assert check.max_rel_diff <= 1e-3  # only float accumulation order differs (ORT vs PyTorch convs)
+
+
+def test_fold_preserves_the_affine_model(fused_example, calib_x):
+    gm, _ = fused_example
+    qm = quantize_model(gm, QuantConfig("tensorrt", 8, 8))
+    calibrate(qm, calib_x, "minmax")
+    torch.manual_seed(0)
+    for layer in qm.weight_layers.values():
+        layer.enable_affine()
+        with torch.no_grad():
+            layer.eta.uniform_(-1.5, 1.5)  # negative etas flip integer weights
+            layer.eps.normal_()
+    qm.set_mode("quant")
+    affine = copy.deepcopy(qm)
+    qm.fold_affine()
+    x = calib_x[:64]
+    with torch.no_grad():
+        a, b = affine.module(x), qm.module(x)
+    agree = float((a.argmax(1) == b.argmax(1)).float().mean())
+    assert agree >= 0.98
+    assert torch.median((a - b).abs().max(1).values / a.abs().max(1).values) <= 1e-5
+
+
+def test_repapq_beats_minmax_at_w6a6(fused_example, calib_x, eval_xy):
+    gm, _ = fused_example
+    x, y = eval_xy
+    base = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
+    calibrate(base, calib_x, "minmax")
+    qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
+    result = calibrate(qm, calib_x, "repapq", preset="tiny", seed=0)
+    assert top1(qm.module, x, y) >= top1(base.module, x, y) - 0.5
+    units = result.details["units"]
+    assert all(u["mae_after"] <= u["mae_before"] * 1.05 for u in units)
+    assert result.details["peak_memory_mib"] > 0
+
+
+def test_reconstruction_is_deterministic(fused_example, calib_x):
+    gm, _ = fused_example
+    outs = []
+    for _ in range(2):
+        qm = quantize_model(gm, QuantConfig("onnxruntime", 8, 8))
+        calibrate(qm, calib_x[:64], "brecq", preset="tiny", seed=3)
+        outs.append(np.concatenate([t.numpy().ravel() for t in qm.scales().values()]))
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_unknown_preset(fused_example, calib_x):
+    from repapq_deploy.errors import DeployError
+
+    gm, _ = fused_example
+    with pytest.raises(DeployError, match="--preset"):
+        calibrate(quantize_model(gm, QuantConfig()), calib_x, "repapq", preset="ultra")
+
+
+def test_pipeline_reloads_folded_layers(tmp_path, example_dir):
+    # calibrate in one run, verify in another: qstate.pt must carry the folded weights and biases
+    from click.testing import CliRunner
+
+    from repapq_deploy.cli import main
+
+    common = [str(example_dir / "model.safetensors"), "--calib", str(example_dir / "calib.npz"), "--eval",
+              str(example_dir / "eval.npz"), "--eval-count", "128", "--calib-count", "64", "--method", "repapq",
+              "--preset", "fast", "--bits", "6", "--profile", "tensorrt", "--out", str(tmp_path),
+              "--bench-seconds", "0.1"]
+    runner = CliRunner()
+    assert runner.invoke(main, ["export", *common]).exit_code == 0
+    result = runner.invoke(main, ["build", *common, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["calibration"]["method"] == "repapq"
+    assert report["calibration"]["details"]["settings"]["affine"] is True
+    # fake-quant (reloaded from qstate.pt) and the engine agree exactly on the top-1
+    assert report["accuracy"]["fake_quant"]["top1"] == report["accuracy"]["engine"]["top1"]
+    assert report["accuracy"]["fake_quant_engine_agreement_top1"] == 100.0
