@@ -36,7 +36,7 @@ def _ints(ctx, param, value: str | None) -> tuple[int, ...] | None:  # noqa: ARG
     if floats is None:
         return None
     if len(floats) != 3 or any(f != int(f) or f < 1 for f in floats):
-        raise click.BadParameter(f"{value!r}: expected C,H,W as three positive integers")
+        raise click.BadParameter(f"{value!r}: expected three positive integers")
     return tuple(int(f) for f in floats)
 
 
@@ -80,6 +80,15 @@ def build_options(fn):
         click.option("--resize", type=int, help="Resize the shorter side to this before the center crop."),
         click.option("--bench-seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
                      help="Time budget per latency measurement."),
+        click.option("--trt-batch", callback=_ints, default="1,8,32", show_default=True,
+                     help="TensorRT optimization profile batch sizes: min,opt,max."),
+        click.option("--workspace-mib", type=click.IntRange(min=1), default=4096, show_default=True,
+                     help="TensorRT builder workspace limit."),
+        click.option("--builder-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+                     help="TensorRT builder optimization level."),
+        click.option("--hardware-compatible", is_flag=True, help="TensorRT engine runs on any Ampere+ GPU."),
+        click.option("--version-compatible", is_flag=True,
+                     help="TensorRT engine runs on later TensorRT releases of the same major version."),
         click.option("--trust-pickle", is_flag=True, help="Allow unpickling whole modules (runs code from the file)."),
         click.option("--force", is_flag=True, help="Re-run every stage even if up to date."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),

@@ -96,6 +96,11 @@ class BuildOptions:
     trust_pickle: bool = False
     force: bool = False
     bench_seconds: float = 3.0
+    trt_batch: tuple[int, int, int] = (1, 8, 32)
+    workspace_mib: int = 4096
+    builder_opt_level: int = 3
+    hardware_compatible: bool = False
+    version_compatible: bool = False
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -336,7 +341,24 @@ class Build:
 
     @property
     def engine_file(self) -> str:
-        return "model" + get_backend(self.engine_backend).engine_suffix
+        return "model" + self.backend.engine_suffix
+
+    @cached_property
+    def backend(self):
+        """The engine backend, with the TensorRT build options when it is TensorRT."""
+        if self.engine_backend != "tensorrt":
+            return get_backend(self.engine_backend)
+        from repapq_deploy.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(self.trt_options())
+
+    def trt_options(self, **overrides):
+        from repapq_deploy.backends.tensorrt import TrtBuildOptions
+
+        o = self.opts
+        return TrtBuildOptions(batch=o.trt_batch, workspace_mib=o.workspace_mib,
+                               optimization_level=o.builder_opt_level, hardware_compatible=o.hardware_compatible,
+                               version_compatible=o.version_compatible, **overrides)
 
     @property
     def engine_source(self) -> str:
@@ -347,18 +369,22 @@ class Build:
         outputs = [self.engine_file]
         if self.engine_backend == "tensorrt":
             outputs += [self.engine_file + ".json", FP16_PLAN, FP16_PLAN + ".json"]
-        return self._stage("engine", inputs, {"backend": self.engine_backend}, outputs, self._run_engine)
+        options = {"backend": self.engine_backend}
+        if self.engine_backend == "tensorrt":
+            options["tensorrt"] = {k: getattr(self.opts, k) for k in ("trt_batch", "workspace_mib", "builder_opt_level",
+                                                                       "hardware_compatible", "version_compatible")}
+        return self._stage("engine", inputs, options, outputs, self._run_engine)
 
     def _run_engine(self) -> dict:
-        backend = get_backend(self.engine_backend)
+        backend = self.backend
         info = backend.build(self.out / self.engine_source, self.out / self.engine_file)
         info.path = self.engine_file
         result = info.to_dict()
         if self.engine_backend == "tensorrt":
             # the float speed/accuracy reference on the same GPU: an FP16 engine of the FP32 model
-            from repapq_deploy.backends.tensorrt import TensorRTBackend, TrtBuildOptions
+            from repapq_deploy.backends.tensorrt import TensorRTBackend
 
-            TensorRTBackend(TrtBuildOptions(fp16_reference=True)).build(self.out / FP16_ONNX, self.out / FP16_PLAN)
+            TensorRTBackend(self.trt_options(fp16_reference=True)).build(self.out / FP16_ONNX, self.out / FP16_PLAN)
             result["reference_engine"] = FP16_PLAN
         return result
 
@@ -378,7 +404,7 @@ class Build:
             fp32 = predict(lambda a: self.fused(torch.from_numpy(a)).numpy(), data.x, "verify: FP32 PyTorch")
             fq = predict(lambda a: self.qmodel.module(torch.from_numpy(a)).numpy(), data.x,
                          "verify: fake-quant PyTorch")
-        backend = get_backend(self.engine_backend)
+        backend = self.backend
         with backend.runner(self.out / self.engine_file) as runner:
             eng = predict(runner.infer, data.x, f"verify: engine ({backend.name})")
         accuracy = accuracy_metrics(fp32, fq, eng, labels)
