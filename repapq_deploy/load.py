@@ -161,20 +161,10 @@ def _from_state_dict(path: Path, sd: dict[str, torch.Tensor], meta: dict, arch: 
     layout = detect_layout(sd)
     if layout:
         sd = to_timm_layout(sd, layout)
-    probe = timm.create_model(arch, pretrained=False, num_classes=1)
-    cfg = probe.pretrained_cfg
-    if num_classes is None:
-        num_classes = int(meta["num_classes"]) if "num_classes" in meta else None
-        clf = cfg.get("classifier")
-        clf = clf[0] if isinstance(clf, (list, tuple)) else clf
-        if num_classes is None and clf and f"{clf}.weight" in sd:
-            num_classes = sd[f"{clf}.weight"].shape[0]
-    if in_chans is None:
-        in_chans = int(meta["in_chans"]) if "in_chans" in meta else None
-        first = cfg.get("first_conv")
-        first = first[0] if isinstance(first, (list, tuple)) else first
-        if in_chans is None and first and f"{first}.weight" in sd:
-            in_chans = sd[f"{first}.weight"].shape[1]
+    cfg = timm.create_model(arch, pretrained=False, num_classes=1).pretrained_cfg
+    # option > checkpoint metadata > the shape of the classifier / first conv weight (timm's data config)
+    num_classes = _dimension(num_classes, meta, "num_classes", cfg, "classifier", sd, 0)
+    in_chans = _dimension(in_chans, meta, "in_chans", cfg, "first_conv", sd, 1)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     model = timm.create_model(arch, pretrained=False, in_chans=in_chans or 3, **kwargs)
     expected = model.state_dict()
@@ -191,6 +181,19 @@ def _from_state_dict(path: Path, sd: dict[str, torch.Tensor], meta: dict, arch: 
                           "check --arch / --num-classes / --in-chans")
     model.load_state_dict(sd, strict=True)
     return LoadedModel(model.eval(), fmt, arch, model.num_classes, in_chans or 3, layout, dict(meta))
+
+
+def _dimension(explicit: int | None, meta: dict, key: str, cfg: dict, layer_key: str,
+               sd: dict[str, torch.Tensor], axis: int) -> int | None:
+    if explicit is not None:
+        return explicit
+    if key in meta:
+        return int(meta[key])
+    layer = cfg.get(layer_key)
+    layer = layer[0] if isinstance(layer, (list, tuple)) else layer
+    if layer and f"{layer}.weight" in sd:
+        return sd[f"{layer}.weight"].shape[axis]
+    return None
 
 
 def _from_module(module: nn.Module, path: Path) -> LoadedModel:
