@@ -31,6 +31,8 @@ from repapq_deploy.data import fashion_mnist as fm
 from repapq_deploy.environment import hardware, versions
 from repapq_deploy.pipeline import Build, BuildOptions
 
+SETTINGS = [("W8A8", "onnxruntime", 8, 8), ("W8A8", "tensorrt", 8, 8), ("W6A6", "onnxruntime", 6, 8),
+            ("W6A6", "tensorrt", 6, 8), ("W6A6 all 6-bit", "tensorrt", 6, 6)]
 ABLATIONS = {
     "repapq (no affine)": {"affine": False},
     "repapq (MSE loss)": {"loss": "mse"},
@@ -95,14 +97,15 @@ def main() -> None:
     ap.add_argument("--methods", default="minmax,percentile,entropy,mse,mae,brecq,repapq")
     ap.add_argument("--presets", default="fast,default")
     ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--settings", default=",".join(f"{s[0]}:{s[1]}" for s in SETTINGS),
+                    help="comma-separated LABEL:PROFILE pairs out of the default list")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration"))
     args = ap.parse_args()
     cache = Path.home() / ".cache" / "repapq-deploy" / "calibration"
     calib, test = data(cache, args.calib_count, args.seed)
     work = cache / Path(args.model).stem
-    settings = [("W8A8", "onnxruntime", 8, 8), ("W8A8", "tensorrt", 8, 8), ("W6A6", "onnxruntime", 6, 8),
-                ("W6A6", "tensorrt", 6, 8), ("W6A6 all 6-bit", "tensorrt", 6, 6)]
+    settings = [s for s in SETTINGS if f"{s[0]}:{s[1]}" in args.settings.split(",")]
     rows = []
     for method in args.methods.split(","):
         presets = args.presets.split(",") if method in R.RECONSTRUCTION else ["-"]
@@ -120,7 +123,7 @@ def main() -> None:
         base = R.RECONSTRUCTION["repapq"]
         for name, change in ABLATIONS.items():
             R.RECONSTRUCTION["ablation"] = replace(base, name=name, **change)
-            for label, profile, bits, fl in settings[2:4]:
+            for label, profile, bits, fl in [s for s in settings if s[0] == "W6A6"]:
                 out = work / f"ablation-{name.replace(' ', '_')}-{profile}-w{bits}"
                 r = run_build(args.model, calib, test, out, method="ablation", preset="default", profile=profile,
                               bits=bits, first_last_bits=fl, seed=args.seed)
