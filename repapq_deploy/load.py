@@ -302,6 +302,14 @@ def lift_exported(gm: fx.GraphModule) -> fx.GraphModule:
             module.running_var.copy_(var)
             module.weight.data.copy_(w if w is not None else torch.ones_like(mean))
             module.bias.data.copy_(b if b is not None else torch.zeros_like(mean))
+        elif node.target in (_aten.hardtanh.default, _aten.hardtanh_.default) and list(args[1:3]) == [0.0, 6.0]:
+            module = nn.ReLU6()  # so placement knows the output is non-negative (uint8 on ORT)
+        elif (node.target in (_aten.view.default, _aten.reshape.default) and len(args[1]) == 2 and args[1][1] == -1
+              and isinstance(args[1][0], fx.Node) and args[1][0].target is _aten.sym_size.int
+              and args[1][0].args[1] == 0 and args[1][0].args[0].op == "placeholder"):
+            # x.view(batch, -1) with the input's batch size: the ONNX exporter would freeze the traced value
+            node.target, node.args = torch.flatten, (args[0], 1)
+            continue
         elif node.target in (_aten.dropout.default, _aten.clone.default, _aten.contiguous.default):
             node.replace_all_uses_with(args[0])
             graph.erase_node(node)

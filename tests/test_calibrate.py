@@ -175,3 +175,19 @@ def test_all_zero_activation_gets_a_positive_scale(calib_x) -> None:
         calibrate(qm, calib_x[:4], method)
         for name, q in qm.act_quantizers.items():
             assert isinstance(q, ActQuantizer) and float(q.scale) > 0 and math.isfinite(float(q.scale)), (method, name)
+
+
+def test_dead_channels_get_scale_one(fused_example, calib_x):
+    # a channel of zeros (or ~1e-9 weights) must not get a 1e-10 step: FP16 graphs would underflow
+    from repapq_deploy.quant.placement import quantize_model
+    from repapq_deploy.quant.scheme import QuantConfig
+
+    gm, _ = fused_example
+    qm = quantize_model(gm, QuantConfig("tensorrt", 8, 8))
+    layer = next(iter(qm.weight_layers.values()))
+    with torch.no_grad():
+        layer.weight[0].zero_()
+        layer.weight[1].fill_(1e-9)
+    calibrate(qm, calib_x[:32], "minmax")
+    assert layer.weight_quantizer.scale[0] == 1.0 and layer.weight_quantizer.scale[1] == 1.0
+    assert layer.weight_quantizer.scale[2] < 1.0

@@ -354,3 +354,27 @@ def test_safetensors_metadata_arch_is_overridable(tmp_path: Path, state_dict: di
     with pytest.raises(DeployError) as info:
         load_model(path, arch="mobileone_nano")  # an explicit --arch wins over the metadata
     assert "--arch mobileone_nano" in _message(info)
+
+
+def test_lift_maps_relu6_and_batch_flatten(tmp_path):
+    # found on EfficientNet-Lite0: ReLU6 arrives as aten.hardtanh, and x.view(x.size(0), -1) as a
+    # view on the traced batch size, which the ONNX export would freeze
+    from repapq_deploy.load import lift_exported
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.act, self.fc = nn.Conv2d(1, 4, 3), nn.ReLU6(), nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            y = self.act(self.conv(x))
+            return self.fc(y.view(y.size(0), -1))
+
+    model = Head().eval()
+    x = torch.randn(2, 1, 8, 8)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    gm = lift_exported(ep.module())
+    assert any(isinstance(m, nn.ReLU6) for m in gm.modules())
+    assert not any("view" in str(n.target) or "sym_size" in str(n.target) for n in gm.graph.nodes)
+    x5 = torch.randn(5, 1, 8, 8)
+    assert torch.allclose(gm(x5), model(x5), atol=1e-6)

@@ -20,6 +20,14 @@ from repapq_deploy.quant.placement import QuantizedModel
 from repapq_deploy.quant.scheme import IntFormat
 
 _EPS = 1e-8
+# Below this clip a tensor or weight channel is dead: every value rounds to 0 at any usable scale, so
+# it gets scale 1 instead of a tiny one (which would underflow in FP16 Q/DQ graphs for TensorRT).
+DEAD = 1e-6
+
+
+def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Step size for a clipping value; dead tensors/channels get 1."""
+    return torch.where(amax < DEAD, torch.ones_like(amax), amax / qmax)
 _SEARCH_POINTS = 100
 
 
@@ -190,12 +198,12 @@ def set_ranges(qm: QuantizedModel, data: torch.Tensor, act: RangeMethod, weight:
     with torch.no_grad():
         for name, q in qm.act_quantizers.items():
             amax = act.activation_amax(observers[name], q.fmt) if observers[name].amax > 0 else 0.0
-            q.scale.fill_(max(amax, _EPS) / q.fmt.qmax)
+            q.scale.copy_(scale_from_amax(torch.tensor(float(amax)), q.fmt.qmax))
             q.observer = None
         for layer in qm.weight_layers.values():
             wq = layer.weight_quantizer
             w = layer.weight.detach().reshape(layer.weight.shape[0], -1).cpu()
-            wq.scale.copy_((weight.weight_amax(w, wq.fmt).clamp_min(_EPS) / wq.fmt.qmax).to(wq.scale.device))
+            wq.scale.copy_(scale_from_amax(weight.weight_amax(w, wq.fmt), wq.fmt.qmax).to(wq.scale.device))
     qm.set_mode("quant")
 
 
