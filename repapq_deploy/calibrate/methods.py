@@ -22,7 +22,7 @@ from repapq_deploy.quant.scheme import IntFormat
 _EPS = 1e-8
 # Below this clip a tensor or weight channel is dead: every value rounds to 0 at any usable scale, so
 # it gets scale 1 instead of a tiny one (which would underflow in FP16 Q/DQ graphs for TensorRT).
-DEAD = 1e-6
+DEAD = 1e-5
 
 
 def scale_from_amax(amax: torch.Tensor, qmax: int) -> torch.Tensor:

@@ -63,6 +63,7 @@ RECONSTRUCTION: dict[str, ReconSettings] = {
     "brecq": ReconSettings("brecq", init_act="mse", init_weight="mse", loss="mse", affine=False,
                            granularity="block"),
 }
+MIN_SCALE = 1e-7  # FP16's smallest subnormal is 6e-8
 PRESETS: dict[str, dict] = {
     "fast": {"iters": 200},
     "default": {"iters": 1000},
@@ -241,7 +242,8 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
             sched.step()
             with torch.no_grad():
                 for p in scales:
-                    p.clamp_(min=1e-8)  # a step size must stay positive
+                    # positive, and representable in the FP16 graphs TensorRT builds from
+                    p.clamp_(min=MIN_SCALE)
             if step % 10 == 0:
                 progress.update(task, completed=step + 1, loss=float(loss.detach()))
     module.eval()
