@@ -20,6 +20,7 @@ import torch
 
 from repapq_deploy.artifacts import atomic_path, save_torch, sha256_path, write_json, write_text
 from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_backend
+from repapq_deploy.backends.base import paired_speedup
 from repapq_deploy.backends.onnxruntime import OrtRunner
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.data.loader import (
@@ -451,7 +452,7 @@ class Build:
         """
         x = self.calib_data.x.numpy()
         trt = self.engine_backend == "tensorrt"
-        out: dict = {"fp32": {}, "engine": {}, "details": {},
+        out: dict = {"fp32": {}, "engine": {}, "speedup": {}, "details": {},
                      "reference": "tensorrt-fp16" if trt else "onnxruntime-fp32"}
         for bs in (1, 32):
             batch = np.ascontiguousarray(np.resize(x, (bs,) + x.shape[1:]))
@@ -462,9 +463,9 @@ class Build:
             for name, s in stats.items():
                 out[name][f"bs{bs}"] = s.p50_ms
                 out["details"][f"{name}_bs{bs}"] = s.to_dict()
+            out["speedup"][f"bs{bs}"] = paired_speedup(stats["fp32"], stats["engine"])
             for r in runners.values():
                 r.deactivate()
-        out["speedup"] = {bs: out["fp32"][bs] / out["engine"][bs] for bs in ("bs1", "bs32")}
         return out
 
     def run(self, until: str = "verify") -> dict:

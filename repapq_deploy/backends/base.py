@@ -99,16 +99,28 @@ class LatencyStats:
     p99_ms: float
     mean_ms: float
     throughput: float
+    times_ms: list[float] = field(default_factory=list, repr=False)  # per iteration, in run order
 
     @classmethod
     def from_times(cls, batch: int, seconds: list[float]) -> LatencyStats:
         ms = np.asarray(seconds) * 1e3
         p50 = float(np.percentile(ms, 50))
         return cls(batch, len(ms), p50, float(np.percentile(ms, 90)), float(np.percentile(ms, 99)),
-                   float(ms.mean()), batch / (p50 / 1e3))
+                   float(ms.mean()), batch / (p50 / 1e3), ms.tolist())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        del d["times_ms"]
+        return d
+
+
+def paired_speedup(reference: LatencyStats, engine: LatencyStats) -> float:
+    """Median over iterations of reference time / engine time, both measured back to back.
+
+    On a shared machine, load comes in bursts; a ratio of two medians mixes iterations that saw
+    different load, the median of per-pair ratios does not.
+    """
+    return float(np.median(np.asarray(reference.times_ms) / np.asarray(engine.times_ms)))
 
 
 def benchmark_interleaved(runners: dict[str, Runner], x: np.ndarray, *, warmup: int = 5,
