@@ -500,8 +500,7 @@ class FakeLogger:
 
 
 class FakeILogger:
-    def __init__(self) -> None:
-        pass
+    """Stands in for trt.ILogger, which the backend subclasses."""
 
 
 class FakeEngine:

@@ -63,22 +63,20 @@ def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
+def _keeps_sign(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True for ops whose output is non-negative whenever their first input is."""
+    return ((node.op == "call_module" and isinstance(modules[node.target], _MONOTONE_MODULES))
+            or (node.op == "call_function" and node.target in _MONOTONE_FUNCS)
+            or (node.op == "call_method" and node.target in _MONOTONE_METHODS))
+
+
 def is_nonnegative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """True when the tensor is provably >= 0 (a ReLU output, possibly through pools/reshapes)."""
-    while True:
-        if op_kind(node, modules) == "relu":
-            return True
-        if node.op == "call_module" and isinstance(modules[node.target], _MONOTONE_MODULES):
-            pass
-        elif node.op == "call_function" and node.target in _MONOTONE_FUNCS:
-            pass
-        elif node.op == "call_method" and node.target in _MONOTONE_METHODS:
-            pass
-        else:
-            return False
-        if not node.args or not isinstance(node.args[0], fx.Node):
+    while op_kind(node, modules) != "relu":
+        if not (_keeps_sign(node, modules) and node.args and isinstance(node.args[0], fx.Node)):
             return False
         node = node.args[0]
+    return True
 
 
 # --- placement rules: (node, profile, modules) -> positions of node.args to quantize -----------------
