@@ -63,6 +63,11 @@ def build_options(fn):
                      help="Calibration method: a range method, or reconstruction (repapq, brecq)."),
         click.option("--preset", type=click.Choice(["fast", "default", "thorough"]), default="default",
                      show_default=True, help="Reconstruction effort (repapq, brecq): time vs accuracy."),
+        click.option("--adaround/--no-adaround", default=None,
+                     help="Learn weight rounding (AdaRound) during reconstruction (default: on for brecq, "
+                          "off for repapq)."),
+        click.option("--qdrop", type=click.FloatRange(0, 1), default=None,
+                     help="QDrop probability during reconstruction (default: the method's, 0)."),
         click.option("--profile", type=click.Choice(["tensorrt", "onnxruntime"]),
                      help="Quantization scheme (default: the backend's)."),
         click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",

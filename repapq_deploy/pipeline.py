@@ -83,6 +83,8 @@ class BuildOptions:
     first_last_bits: int = 8
     method: str = "percentile"
     preset: str = "default"
+    adaround: bool | None = None  # None: the reconstruction method's own setting
+    qdrop: float | None = None
     profile: str | None = None
     backend: str = "auto"
     out: str | None = None  # default: engines/<model file stem>
@@ -275,18 +277,23 @@ class Build:
 
     def calibrate(self) -> dict:
         o = self.opts
-        options = {"method": o.method, "preset": o.preset, **self.qconfig.to_dict(), "calib_count": o.calib_count,
+        options = {"method": o.method, "preset": o.preset, **self._recon_overrides(), **self.qconfig.to_dict(),
+                   "calib_count": o.calib_count,
                    "seed": o.seed,
                    "device": o.device, "batch_size": o.batch_size}
         inputs = {"fused": self._hash("reparam", FUSED), "calib": self.calib_hash}
         return self._stage("calibrate", inputs, options, [QSTATE], self._run_calibrate)
+
+    def _recon_overrides(self) -> dict:
+        """Reconstruction settings the user changed from the method's own (--adaround, --qdrop)."""
+        return {k: v for k, v in (("adaround", self.opts.adaround), ("qdrop", self.opts.qdrop)) if v is not None}
 
     def _run_calibrate(self) -> dict:
         o = self.opts
         torch.manual_seed(o.seed)
         qm = quantize_model(self.fused, self.qconfig)
         result = calibrate(qm, self.calib_data.x, o.method, o.batch_size, device=o.device, preset=o.preset,
-                           seed=o.seed)
+                           seed=o.seed, overrides=self._recon_overrides())
         save_torch({"scales": qm.scales(), "layers": qm.layer_tensors(), "config": self.qconfig.to_dict(),
                     "method": o.method}, self.out / QSTATE)
         self._qm = qm

@@ -151,3 +151,50 @@ def test_pipeline_reloads_folded_layers(tmp_path, example_dir):
     # fake-quant (reloaded from qstate.pt) and the engine agree exactly on the top-1
     assert report["accuracy"]["fake_quant"]["top1"] == report["accuracy"]["engine"]["top1"]
     assert report["accuracy"]["fake_quant_engine_agreement_top1"] == 100.0
+
+
+def test_adaround_rounding_starts_soft_and_bakes_onto_the_grid():
+    from repapq_deploy.quant.fakequant import WeightQuantizer
+    from repapq_deploy.quant.scheme import IntFormat
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3)
+    wq = WeightQuantizer(IntFormat(6, signed=True), 4)
+    wq.scale.copy_(w.abs().flatten(1).amax(1) / 31)
+    wq.enabled = True
+    wq.enable_adaround(w)
+    # h(alpha) starts at frac(w / s): the soft-rounded weights are the float weights
+    assert torch.allclose(wq(w), w, atol=1e-4)
+    with torch.no_grad():
+        wq.alpha.normal_(0, 3)
+    hard = wq.hard_rounded(w)
+    assert not wq.has_adaround
+    s = wq.scale.view(-1, 1, 1, 1)
+    q = hard / s
+    assert torch.allclose(q, q.round(), atol=1e-4)  # on the grid
+    assert (q.round() - w / s).abs().max() < 1 + 1e-4  # rounded up or down, never further
+    assert torch.equal(wq.integer(hard).float(), q.round())  # export's round-to-nearest keeps it
+
+
+@pytest.mark.parametrize("method", ["brecq", "repapq"])
+def test_adaround_exports_exactly(fused_example, calib_x, tmp_path, method):
+    gm, _ = fused_example
+    qm = quantize_model(gm, QuantConfig("onnxruntime", 6, 8))
+    result = calibrate(qm, calib_x[:64], method, preset="tiny", overrides={"adaround": True})
+    assert result.details["settings"]["adaround"] is True
+    assert not any(layer.weight_quantizer.has_adaround for layer in qm.weight_layers.values())
+    for layer in qm.weight_layers.values():  # the learned rounding was baked into the weights
+        s = layer.weight_quantizer.scale.view((-1,) + (1,) * (layer.weight.dim() - 1))
+        q = layer.weight / s
+        assert torch.allclose(q, q.round(), atol=1e-3)
+    path = tmp_path / "m.onnx"
+    export_qdq(qm, calib_x, path)
+    assert check_against_torch(qm, path, calib_x).agreement_top1 == 100.0
+
+
+def test_reconstruction_options_refused_for_range_methods(fused_example, calib_x):
+    from repapq_deploy.errors import DeployError
+
+    gm, _ = fused_example
+    with pytest.raises(DeployError, match="--adaround applies to reconstruction methods"):
+        calibrate(quantize_model(gm, QuantConfig()), calib_x, "minmax", overrides={"adaround": True})

@@ -8,7 +8,7 @@ Reconstruction methods (``repapq``, ``brecq``) register into the same table.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -208,8 +208,12 @@ def set_ranges(qm: QuantizedModel, data: torch.Tensor, act: RangeMethod, weight:
 
 
 def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: int = 32,
-              device: str = "cpu", preset: str = "default", seed: int = 0) -> CalibrationResult:
-    """Set every scale of ``qm`` from ``data`` with ``method``; leaves ``qm`` in ``quant`` mode on the CPU."""
+              device: str = "cpu", preset: str = "default", seed: int = 0,
+              overrides: dict | None = None) -> CalibrationResult:
+    """Set every scale of ``qm`` from ``data`` with ``method``; leaves ``qm`` in ``quant`` mode on the CPU.
+
+    ``overrides`` change fields of a reconstruction method's settings (e.g. ``adaround``, ``qdrop``).
+    """
     from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, reconstruct
 
     if method not in METHODS and method not in RECONSTRUCTION:
@@ -217,10 +221,14 @@ def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: i
     device = resolve_device(device)
     t0 = time.perf_counter()
     details: dict = {}
+    if overrides and method not in RECONSTRUCTION:
+        raise DeployError(f"--{next(iter(overrides))} applies to reconstruction methods "
+                          f"({', '.join(RECONSTRUCTION)}), not --method {method}")
     if method in METHODS:
         set_ranges(qm, data, METHODS[method], METHODS[method], batch_size, device)
     else:
-        details = reconstruct(qm, data, RECONSTRUCTION[method], preset, batch_size, device, seed)
+        details = reconstruct(qm, data, replace(RECONSTRUCTION[method], **(overrides or {})), preset, batch_size,
+                              device, seed)
     qm.module.cpu()
     qm.set_mode("quant")
     return CalibrationResult(method, len(data), time.perf_counter() - t0,

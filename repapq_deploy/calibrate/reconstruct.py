@@ -13,7 +13,7 @@ RepAPQ (arXiv 2402.16121), as implemented here (every choice is documented in do
    Adam on the mean absolute error, with cosine decay.
 
 ``brecq`` is the classic baseline in the same machinery: one unit per weight layer (block-wise), MSE,
-no affine (AdaRound is not implemented; the weight rounding stays round-to-nearest).
+no affine, AdaRound (learned weight rounding) with fixed weight scales.
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ class ReconSettings:
     lr_affine: float = 1e-3
     lr_scale: float = 4e-5
     qdrop: float = 0.0
+    # AdaRound: learn each weight's rounding direction; weight step sizes then stay fixed (as in
+    # AdaRound/BRECQ) and only activation steps (and the affine, whose eta rescales channels) learn
+    adaround: bool = False
+    lr_round: float = 1e-3
+    round_weight: float = 0.01  # BRECQ's lambda, relative to a loss summed over a sample's outputs
+    round_warmup: float = 0.2  # fraction of the iterations before the rounding regulariser starts
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +67,7 @@ class ReconSettings:
 RECONSTRUCTION: dict[str, ReconSettings] = {
     "repapq": ReconSettings("repapq"),
     "brecq": ReconSettings("brecq", init_act="mse", init_weight="mse", loss="mse", affine=False,
-                           granularity="block"),
+                           granularity="block", adaround=True),
 }
 MIN_SCALE = 1e-7  # FP16's smallest subnormal is 6e-8
 PRESETS: dict[str, dict] = {
@@ -187,17 +193,34 @@ def _subgraph(gm: fx.GraphModule, nodes: list[fx.Node], input_name: str, name: s
 
 # --- training ---------------------------------------------------------------------------------------
 
-def _unit_params(unit: Unit, settings: ReconSettings) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    scales, affine = [], []
+def _weight_layers(unit: Unit) -> list[QuantConv2d | QuantLinear]:
+    return [m for m in unit.module.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+
+
+def _unit_params(unit: Unit, settings: ReconSettings) -> dict[str, list[nn.Parameter]]:
+    """The unit's trainable parameters by group: step sizes, affine, AdaRound rounding."""
+    params: dict[str, list[nn.Parameter]] = {"scales": [], "affine": [], "rounding": []}
     for m in unit.module.modules():
         if isinstance(m, ActQuantizer) and settings.learn_scales:
-            scales.append(m.scale)
-        elif isinstance(m, (QuantConv2d, QuantLinear)):
-            if settings.learn_scales:
-                scales.append(m.weight_quantizer.scale)
-            if m.has_affine:
-                affine += [m.eta, m.eps]
-    return scales, affine
+            params["scales"].append(m.scale)
+    for m in _weight_layers(unit):
+        if settings.adaround:
+            m.weight_quantizer.enable_adaround(m.weight)
+            params["rounding"].append(m.weight_quantizer.alpha)
+        elif settings.learn_scales:
+            params["scales"].append(m.weight_quantizer.scale)
+        if m.has_affine:
+            params["affine"] += [m.eta, m.eps]
+    return params
+
+
+def _rounding_penalty(unit: Unit, step: int, settings: ReconSettings) -> torch.Tensor | None:
+    """AdaRound's regulariser sum(1 - |2h - 1|^beta), beta annealed from 20 to 2 after the warm-up."""
+    start = int(settings.round_warmup * settings.iters)
+    if step < start:
+        return None
+    beta = 2 + 18 * (1 - (step - start) / max(1, settings.iters - start))
+    return sum((1 - (2 * m.weight_quantizer.rounding() - 1).abs().pow(beta)).sum() for m in _weight_layers(unit))
 
 
 def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -213,15 +236,20 @@ def _forward_all(module: nn.Module, x: torch.Tensor, batch_size: int, device: st
 def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: ReconSettings,
                 batch_size: int, device: str, generator: torch.Generator) -> tuple[float, float]:
     module = unit.module
-    scales, affine = _unit_params(unit, settings)
-    for p in scales + affine:
-        p.requires_grad_(True)
-    groups = [g for g in ({"params": scales, "lr": settings.lr_scale}, {"params": affine, "lr": settings.lr_affine})
-              if g["params"]]
     with torch.no_grad():
         before = float(_loss(_forward_all(module, x_q, 256, device), y_fp, "mae"))
-    if not groups or settings.iters == 0:
+    params = _unit_params(unit, settings)
+    scales, trained = params["scales"], [p for group in params.values() for p in group]
+    if not trained or settings.iters == 0:
+        for m in _weight_layers(unit):
+            m.bake_adaround()
         return before, before
+    for p in trained:
+        p.requires_grad_(True)
+    lrs = {"scales": settings.lr_scale, "affine": settings.lr_affine, "rounding": settings.lr_round}
+    groups = [{"params": ps, "lr": lrs[k]} for k, ps in params.items() if ps]
+    # BRECQ weighs the rounding term against a loss summed over a sample's outputs; ours is a mean
+    round_weight = settings.round_weight / y_fp[0].numel()
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / settings.iters)))
@@ -236,8 +264,10 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
         for step in range(settings.iters):
             idx = torch.randint(0, len(x_q), (min(batch_size, len(x_q)),), generator=generator)
             loss = _loss(module(x_q[idx].to(device)), y_fp[idx].to(device), settings.loss)
+            penalty = _rounding_penalty(unit, step, settings) if params["rounding"] else None
+            total = loss if penalty is None else loss + round_weight * penalty
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total.backward()
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -250,8 +280,10 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
     for m in module.modules():
         if isinstance(m, ActQuantizer):
             m.drop_prob = 0.0
-    for p in scales + affine:
+    for p in trained:
         p.requires_grad_(False)
+    for m in _weight_layers(unit):
+        m.bake_adaround()
     with torch.no_grad():
         after = float(_loss(_forward_all(module, x_q, 256, device), y_fp, "mae"))
     return before, after

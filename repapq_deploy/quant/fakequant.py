@@ -111,8 +111,17 @@ class ActQuantizer(nn.Module):
         return f"{kind}{self.fmt.bits}, scale={self.scale.item():.4g}, mode={self.mode}"
 
 
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020)
+_ZETA, _GAMMA = 1.1, -0.1
+
+
 class WeightQuantizer(nn.Module):
-    """Symmetric per-output-channel weight quantizer (axis 0)."""
+    """Symmetric per-output-channel weight quantizer (axis 0).
+
+    With :meth:`enable_adaround` the rounding direction of every weight is learned (AdaRound):
+    ``q = clamp(floor(w / s) + h(alpha))`` with ``h`` a rectified sigmoid in [0, 1] that a
+    regulariser pushes to 0 or 1; :meth:`hard_rounded` then gives the weights to keep.
+    """
 
     def __init__(self, fmt: IntFormat, channels: int) -> None:
         super().__init__()
@@ -123,9 +132,35 @@ class WeightQuantizer(nn.Module):
     def _scale(self, w: torch.Tensor) -> torch.Tensor:
         return self.scale.view((-1,) + (1,) * (w.dim() - 1))
 
+    @property
+    def has_adaround(self) -> bool:
+        return "alpha" in self._parameters
+
+    def enable_adaround(self, w: torch.Tensor) -> None:
+        """Start learning the rounding of ``w`` from round-to-nearest's soft equivalent (h = frac(w/s))."""
+        x = w.detach() / self._scale(w).detach()
+        rest = (x - x.floor()).clamp(1e-4, 1 - 1e-4)
+        self.alpha = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (rest - _GAMMA) - 1))
+
+    def rounding(self) -> torch.Tensor:
+        """The soft rounding offsets h(alpha) in [0, 1]."""
+        return torch.clamp(torch.sigmoid(self.alpha) * (_ZETA - _GAMMA) + _GAMMA, 0, 1)
+
+    @torch.no_grad()
+    def hard_rounded(self, w: torch.Tensor) -> torch.Tensor:
+        """The dequantized weights with the learned rounding made hard; drops ``alpha``."""
+        s = self._scale(w)
+        q = torch.clamp(torch.floor(w / s) + (self.alpha >= 0).to(w.dtype), self.fmt.qmin, self.fmt.qmax)
+        del self.alpha
+        return q * s
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
+        if self.has_adaround:
+            s = self._scale(w)
+            q = torch.floor(w.detach() / s.detach()) + self.rounding()
+            return torch.clamp(q, self.fmt.qmin, self.fmt.qmax) * s
         return fake_quant(w, self._scale(w), self.fmt)
 
     def integer(self, w: torch.Tensor) -> torch.Tensor:
@@ -177,6 +212,13 @@ class _QuantWeightMixin:
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (y.dim() - 2)
         return y * self.eta.view(shape) + self.eps.view(shape)
+
+    @torch.no_grad()
+    def bake_adaround(self) -> None:
+        """Replace the weights by their AdaRound-rounded values, so that round-to-nearest (export,
+        :meth:`fold_affine`) reproduces the learned integers exactly."""
+        if self.weight_quantizer.has_adaround:
+            self.weight.copy_(self.weight_quantizer.hard_rounded(self.weight))
 
     @torch.no_grad()
     def fold_affine(self) -> None:
