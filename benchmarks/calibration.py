@@ -1,44 +1,88 @@
-"""Calibration methods, RepAPQ ablations and ONNX Runtime's own quantizer on one reference model.
+"""Every calibration method, the RepAPQ ablations and the peers on the Fashion-MNIST reference models.
 
-    python benchmarks/calibration.py [--model examples/fashion_mnist/model.safetensors] [--calib-count 1024]
-        [--presets fast,default] [--out benchmarks/results/calibration]
+    python benchmarks/calibration.py [--models repvgg_a0:15,mobileone_s0:4] [--calib-count 1024]
+        [--methods minmax,percentile,entropy,mse,mae,init,brecq,repapq] [--presets fast,default]
+        [--brecq-presets default] [--settings W8A8:onnxruntime,...] [--ablations/--no-ablations]
+        [--modelopt-python /path/to/venv/bin/python] [--out benchmarks/results/calibration]
 
-Evaluation: the full Fashion-MNIST test set (10 000 images, Debian's dataset-fashion-mnist);
-calibration: ``--calib-count`` training images drawn with a fixed seed. Every row is a real
-``repapq-deploy build`` (TensorRT profile: ONNX Runtime's reference execution of the exact QDQ
-graph; ONNX Runtime profile: the real INT8 engine). W6A6 keeps the first conv and the classifier at
-8 bits. Peers: ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, uint8
-activations; MinMax / Entropy / Percentile) on the same fused FP32 ONNX and calibration images.
-Prints a table and writes ``calibration.json``, ``calibration.md`` and ``calibration.png``.
+Reference models: timm ``repvgg_a0`` and ``mobileone_s0`` (10 classes, 32x32 grey input) trained on
+Fashion-MNIST by ``examples/fashion_mnist/train.py`` for the given epochs, trained when missing and
+cached under ``~/.cache/repapq-deploy/fmnist/``. Calibration: ``--calib-count`` training images
+drawn with a fixed seed. Evaluation: the full 10 000-image test set.
+
+Every row of this project is a real ``repapq-deploy build`` run in a fresh process (so the peak
+memory is that build's): ``onnxruntime`` profile = the real INT8 engine; ``tensorrt`` profile = ONNX
+Runtime's reference execution of the exact TensorRT-profile QDQ graph. W6A6 keeps the first conv
+and the classifier at 8 bits; "W6A6 all 6-bit" does not. ``init`` is RepAPQ's range initialisation
+alone (MAE activations, min-max weights, no training).
+
+Peers, on the same fused FP32 ONNX and the same calibration images, W8A8 only (neither offers a
+6-bit grid): ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, uint8
+activations; MinMax / Entropy / Percentile) and, with ``--modelopt-python`` pointing at a virtual
+environment with ``nvidia-modelopt[onnx]``, ModelOpt's ONNX INT8 PTQ with its default (rest of the
+graph in FP16) and with ``--high_precision_dtype fp32``; both peers' graphs run in ONNX Runtime CPU.
+
+Writes ``<arch>.json``, ``<arch>.md`` and ``<arch>.png`` per model to ``--out`` and prints tables.
+Re-running resumes: finished builds are reused through their manifests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import subprocess
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from _reference import CACHE, ensure_calib_set, ensure_model, ensure_test_set
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from rich.console import Console
 from rich.table import Table
 
-from repapq_deploy.calibrate import reconstruct as R
-from repapq_deploy.data import fashion_mnist as fm
 from repapq_deploy.environment import hardware, versions
-from repapq_deploy.pipeline import Build, BuildOptions
 
 SETTINGS = [("W8A8", "onnxruntime", 8, 8), ("W8A8", "tensorrt", 8, 8), ("W6A6", "onnxruntime", 6, 8),
             ("W6A6", "tensorrt", 6, 8), ("W6A6 all 6-bit", "tensorrt", 6, 6)]
+# the all-6-bit row: the headline method and the strongest range method only
+ALL_SIX_METHODS = ("percentile", "repapq")
 ABLATIONS = {
     "repapq (no affine)": {"affine": False},
     "repapq (MSE loss)": {"loss": "mse"},
     "repapq (block-wise)": {"granularity": "block"},
     "repapq (no LSQ steps)": {"learn_scales": False},
+    "repapq (+ AdaRound)": {"adaround": True},
 }
+console = Console(stderr=True)
+
+
+def _build(kwargs: dict, recipe: dict | None) -> dict:
+    """One ``repapq-deploy build`` (run in a fresh process); ``recipe`` overrides repapq's settings."""
+    from repapq_deploy.calibrate import reconstruct as R
+    from repapq_deploy.pipeline import Build, BuildOptions
+
+    R.PRESETS["init"] = {"iters": 0}
+    if recipe is not None:
+        R.RECONSTRUCTION["repapq-variant"] = replace(R.RECONSTRUCTION["repapq"], name="repapq-variant", **recipe)
+    t0 = time.perf_counter()
+    r = Build(BuildOptions(**kwargs)).run()
+    acc, cal = r["accuracy"], r["calibration"]
+    return {"fp32": acc["fp32"]["top1"], "top1": acc["engine"]["top1"], "fake_quant": acc["fake_quant"]["top1"],
+            "agreement": acc["agreement_top1"], "cosine": acc["cosine"], "calib_seconds": cal["seconds"],
+            "peak_memory_mib": cal["details"].get("peak_memory_mib"), "engine": r["engine"]["backend"],
+            "int8_op_fraction": r["engine"]["int8_op_fraction"],
+            "export_agreement": r["export"]["check"]["agreement_top1"],
+            "export_max_rel_diff": r["export"]["check"]["max_rel_diff"], "build_seconds": time.perf_counter() - t0}
+
+
+def run_build(recipe: dict | None = None, **kwargs) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(_build, kwargs, recipe).result()
 
 
 class _Reader(CalibrationDataReader):
@@ -49,124 +93,170 @@ class _Reader(CalibrationDataReader):
         return next(self.items, None)
 
 
-def data(cache: Path, calib_count: int, seed: int) -> tuple[Path, Path]:
-    cache.mkdir(parents=True, exist_ok=True)
-    calib, test = cache / f"calib{calib_count}_s{seed}.npz", cache / "test10k.npz"
-    if not calib.exists():
-        x, _ = fm.load_raw("train")
-        idx = np.random.default_rng(seed).choice(len(x), calib_count, replace=False)
-        np.savez(calib, x=fm.to_model_input(x[idx]))
-    if not test.exists():
-        x, y = fm.load_raw("test")
-        np.savez(test, x=fm.to_model_input(x), y=y)
-    return calib, test
-
-
-def run_build(model: str, calib: Path, test: Path, out: Path, **kw) -> dict:
-    opts = BuildOptions(model=model, calib=str(calib), calib_count=None, eval=str(test), out=str(out),
-                        backend="onnxruntime", bench_seconds=0.5, **kw)
-    t0 = time.perf_counter()
-    r = Build(opts).run()
-    acc = r["accuracy"]
-    return {"fp32": acc["fp32"]["top1"], "top1": acc["engine"]["top1"], "agreement": acc["agreement_top1"],
-            "calib_seconds": r["calibration"]["seconds"],
-            "peak_memory_mib": r["calibration"].get("details", {}).get("peak_memory_mib"),
-            "engine": r["engine"]["backend"], "build_seconds": time.perf_counter() - t0}
-
-
-def ort_peer(fp32_onnx: Path, calib: Path, test: Path, method: CalibrationMethod, out: Path) -> dict:
-    x = np.load(calib)["x"]
-    qdq = out / f"ort_{method.name}.onnx"
-    t0 = time.perf_counter()
-    quantize_static(str(fp32_onnx), str(qdq), _Reader(x), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
-    seconds = time.perf_counter() - t0
+def top1_onnx(path: Path, test: Path) -> float:
+    """Top-1 (%) of an ONNX model run by ONNX Runtime CPU (all optimizations) on the test set."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    sess = ort.InferenceSession(str(qdq), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
     t = np.load(test)
-    pred = np.concatenate([sess.run(None, {"input": t["x"][i:i + 500]})[0].argmax(1)
+    pred = np.concatenate([sess.run(None, {name: t["x"][i:i + 500]})[0].argmax(1)
                            for i in range(0, len(t["x"]), 500)])
-    return {"top1": float((pred == t["y"]).mean() * 100), "calib_seconds": seconds}
+    return float((pred == t["y"]).mean() * 100)
+
+
+def ort_peer(fp32_onnx: Path, calib: Path, test: Path, out: Path, method: CalibrationMethod) -> dict:
+    qdq = out / f"ort_{method.name}.onnx"
+    t0 = time.perf_counter()
+    quantize_static(str(fp32_onnx), str(qdq), _Reader(np.load(calib)["x"]), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=method)
+    return {"top1": top1_onnx(qdq, test), "calib_seconds": time.perf_counter() - t0}
+
+
+def modelopt_peer(fp32_onnx: Path, calib: Path, test: Path, out: Path, python: str, fp32_rest: bool) -> dict:
+    """ModelOpt's ONNX INT8 PTQ (its CLI, in its own environment) on the same graph and images."""
+    npy = out / "calib.npy"
+    np.save(npy, np.load(calib)["x"])
+    qdq = out / f"modelopt_{'fp32' if fp32_rest else 'default'}.onnx"
+    cmd = [python, "-m", "modelopt.onnx.quantization", "--onnx_path", str(fp32_onnx), "--quantize_mode", "int8",
+           "--calibration_data_path", str(npy), "--output_path", str(qdq)]
+    if fp32_rest:
+        cmd += ["--high_precision_dtype", "fp32"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"ModelOpt failed: {done.stderr.strip().splitlines()[-1:]}")
+    return {"top1": top1_onnx(qdq, test), "calib_seconds": seconds}
+
+
+def peer_rows(arch: str, fp32: float, fp32_onnx: Path, calib: Path, test: Path, work: Path,
+              modelopt_python: str | None) -> list[dict]:
+    """ONNX Runtime's quantize_static and (with its environment) ModelOpt, W8A8."""
+    rows = []
+    peers = [(f"ORT quantize_static {m.name}", ort_peer, (m,))
+             for m in (CalibrationMethod.MinMax, CalibrationMethod.Entropy, CalibrationMethod.Percentile)]
+    if modelopt_python:
+        peers += [("ModelOpt INT8 (FP16 rest, its default)", modelopt_peer, (modelopt_python, False)),
+                  ("ModelOpt INT8 (--high_precision_dtype fp32)", modelopt_peer, (modelopt_python, True))]
+    for name, fn, extra in peers:
+        rows.append({"method": name, "preset": "-", "setting": "W8A8", "profile": "peer", "fp32": fp32,
+                     **fn(fp32_onnx, calib, test, work, *extra)})
+        console.print(f"{arch} {name}: {rows[-1]['top1']:.2f} %")
+    return rows
+
+
+def plan(methods: list[str], presets: list[str], brecq_presets: list[str], settings: list[tuple]) -> list[dict]:
+    """The project's rows: method x preset x setting."""
+    rows = []
+    for method in methods:
+        method_presets = {"repapq": presets, "brecq": brecq_presets, "init": ["init"]}.get(method, ["-"])
+        for preset in method_presets:
+            for label, profile, bits, fl in settings:
+                if fl == 6 and method not in ALL_SIX_METHODS:
+                    continue
+                rows.append({"method": method, "preset": preset, "setting": label, "profile": profile,
+                             "bits": bits, "first_last_bits": fl})
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="examples/fashion_mnist/model.safetensors")
+    ap.add_argument("--models", default="repvgg_a0:15,mobileone_s0:4", help="ARCH:EPOCHS pairs")
     ap.add_argument("--calib-count", type=int, default=1024)
-    ap.add_argument("--methods", default="minmax,percentile,entropy,mse,mae,brecq,repapq")
-    ap.add_argument("--presets", default="fast,default")
-    ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--methods", default="minmax,percentile,entropy,mse,mae,init,brecq,repapq")
+    ap.add_argument("--presets", default="fast,default", help="repapq presets")
+    ap.add_argument("--brecq-presets", default="default")
     ap.add_argument("--settings", default=",".join(f"{s[0]}:{s[1]}" for s in SETTINGS),
                     help="comma-separated LABEL:PROFILE pairs out of the default list")
+    ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
+                    help="RepAPQ with one part changed (W6A6, tensorrt profile, default preset)")
+    ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--modelopt-python", help="python of a virtual environment with nvidia-modelopt[onnx]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration"))
     args = ap.parse_args()
-    cache = Path.home() / ".cache" / "repapq-deploy" / "calibration"
-    calib, test = data(cache, args.calib_count, args.seed)
-    work = cache / Path(args.model).stem
+    calib, test = ensure_calib_set(args.calib_count, args.seed), ensure_test_set()
     settings = [s for s in SETTINGS if f"{s[0]}:{s[1]}" in args.settings.split(",")]
-    rows = []
-    for method in args.methods.split(","):
-        presets = args.presets.split(",") if method in R.RECONSTRUCTION else ["-"]
-        for preset in presets:
-            for label, profile, bits, fl in settings:
-                if fl == 6 and method not in ("percentile", "repapq"):
-                    continue
-                out = work / f"{method}-{preset}-{profile}-w{bits}-fl{fl}"
-                r = run_build(args.model, calib, test, out, method=method,
-                              preset=preset if preset != "-" else "default", profile=profile, bits=bits,
-                              first_last_bits=fl, seed=args.seed)
-                rows.append({"method": method, "preset": preset, "setting": label, "profile": profile, **r})
-                Console(stderr=True).print(rows[-1])
-    if args.ablations:
-        base = R.RECONSTRUCTION["repapq"]
-        for name, change in ABLATIONS.items():
-            R.RECONSTRUCTION["ablation"] = replace(base, name=name, **change)
-            for label, profile, bits, fl in [s for s in settings if s[0] == "W6A6"]:
-                out = work / f"ablation-{name.replace(' ', '_')}-{profile}-w{bits}"
-                r = run_build(args.model, calib, test, out, method="ablation", preset="default", profile=profile,
-                              bits=bits, first_last_bits=fl, seed=args.seed)
-                rows.append({"method": name, "preset": "default", "setting": label, "profile": profile, **r})
-    fp32_onnx = work / "minmax---onnxruntime-w8-fl8" / "model.fp32.onnx"
-    if fp32_onnx.exists():
-        for method in (CalibrationMethod.MinMax, CalibrationMethod.Entropy, CalibrationMethod.Percentile):
-            r = ort_peer(fp32_onnx, calib, test, method, work)
-            rows.append({"method": f"ORT quantize_static {method.name}", "preset": "-", "setting": "W8A8",
-                         "profile": "onnxruntime", "fp32": rows[0]["fp32"], "agreement": None, **r})
-    fp32 = rows[0]["fp32"]
-    table = Table(title=f"{args.model}: Fashion-MNIST test top-1 (10 000 images), FP32 {fp32:.2f} %")
-    for col in ("method", "preset", "setting", "profile", "top-1 %", "drop pp", "calib s"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(r["method"], r["preset"], r["setting"], r["profile"], f"{r['top1']:.2f}",
-                      f"{fp32 - r['top1']:.2f}", f"{r['calib_seconds']:.1f}")
-    Console().print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"model": args.model, "calib_images": args.calib_count, "eval_images": 10000, "fp32": fp32,
-               "rows": rows, "hardware": hardware(), "versions": versions()}
-    (args.out / "calibration.json").write_text(json.dumps(payload, indent=2) + "\n")
-    md = ["| method | preset | setting | profile | top-1 % | drop (pp) | calibration s |", "|" + " --- |" * 7]
-    md += [f"| {r['method']} | {r['preset']} | {r['setting']} | {r['profile']} | {r['top1']:.2f} | "
-           f"{fp32 - r['top1']:.2f} | {r['calib_seconds']:.1f} |" for r in rows]
-    (args.out / "calibration.md").write_text("\n".join(md) + "\n")
-    _chart(rows, fp32, args.out / "calibration.png")
+    for spec in args.models.split(","):
+        arch, epochs = spec.split(":")
+        model = ensure_model(arch, int(epochs)) / "model.safetensors"
+        work = CACHE / "calibration" / f"{arch}-e{epochs}"
+        common = {"model": str(model), "calib": str(calib), "calib_count": None, "eval": str(test),
+                  "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed}
+        rows = []
+        todo = plan(args.methods.split(","), args.presets.split(","), args.brecq_presets.split(","), settings)
+        for row in todo:
+            method = "repapq" if row["method"] == "init" else row["method"]
+            out = work / f"{row['method']}-{row['preset']}-{row['profile']}-w{row['bits']}-fl{row['first_last_bits']}"
+            preset = row["preset"] if row["preset"] != "-" else "default"
+            r = run_build(**common, out=str(out), method=method, preset=preset, profile=row["profile"],
+                          bits=row["bits"], first_last_bits=row["first_last_bits"])
+            rows.append({**row, **r})
+            console.print(f"{arch} {row['method']} {row['preset']} {row['setting']} {row['profile']}: "
+                          f"{r['top1']:.2f} % ({r['calib_seconds']:.0f} s)")
+        if args.ablations:
+            for name, change in ABLATIONS.items():
+                for label, profile, bits, fl in [s for s in settings if s[0] == "W6A6" and s[1] == "tensorrt"]:
+                    out = work / f"ablation-{'_'.join(f'{k}={v}' for k, v in change.items())}-{profile}-w{bits}"
+                    r = run_build(change, **common, out=str(out), method="repapq-variant", preset="default",
+                                  profile=profile, bits=bits, first_last_bits=fl)
+                    rows.append({"method": name, "preset": "default", "setting": label, "profile": profile,
+                                 "bits": bits, "first_last_bits": fl, **r})
+                    console.print(f"{arch} {name}: {r['top1']:.2f} %")
+        fp32 = rows[0]["fp32"]
+        if args.peers:
+            rows += peer_rows(arch, fp32, next(work.glob("*/model.fp32.onnx")), calib, test, work,
+                              args.modelopt_python)
+        report(arch, int(epochs), fp32, rows, args)
 
 
-def _chart(rows: list[dict], fp32: float, path: Path) -> None:
+def report(arch: str, epochs: int, fp32: float, rows: list[dict], args: argparse.Namespace) -> None:
+    """Print the table and write ``<arch>.json``, ``<arch>.md`` and ``<arch>.png``."""
+    table = Table(title=f"{arch} ({epochs} epochs): Fashion-MNIST test top-1, 10 000 images, FP32 {fp32:.2f} %")
+    cols = ("method", "preset", "setting", "profile", "top-1 %", "drop pp", "calib s", "peak MiB")
+    for col in cols:
+        table.add_column(col, justify="right")
+    md = [f"FP32: {fp32:.2f} %", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    for r in rows:
+        mem = f"{r['peak_memory_mib']:.0f}" if r.get("peak_memory_mib") else "-"
+        cells = (r["method"], r["preset"], r["setting"], r["profile"], f"{r['top1']:.2f}", f"{fp32 - r['top1']:+.2f}",
+                 f"{r['calib_seconds']:.1f}", mem)
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    Console().print(table)
+    payload = {"arch": arch, "epochs": epochs, "calib_images": args.calib_count, "eval_images": 10000,
+               "seed": args.seed, "fp32": fp32, "rows": rows, "hardware": hardware(), "versions": versions()}
+    (args.out / f"{arch}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (args.out / f"{arch}.md").write_text("\n".join(md) + "\n")
+    _chart(rows, fp32, arch, args.out / f"{arch}.png")
+
+
+def _chart(rows: list[dict], fp32: float, arch: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    picked = [r for r in rows if r["setting"] == "W6A6" and r["profile"] == "tensorrt"]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(picked) + 1.2))
-    labels = [f"{r['method']} ({r['preset']})" if r["preset"] != "-" else r["method"] for r in picked]
-    ax.barh(labels, [fp32 - r["top1"] for r in picked], color="#2a7ab9")
-    ax.set_xlabel("top-1 drop vs FP32 (pp), W6A6, TensorRT profile")
-    ax.invert_yaxis()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.32 * len(rows) / 2 + 2), sharey=False)
+    for ax, setting in zip(axes, ("W8A8", "W6A6"), strict=True):
+        picked = [r for r in rows if r["setting"] == setting]
+        labels = [f"{r['method']} ({r['preset']}, {r['profile']})" if r["preset"] not in ("-",)
+                  else f"{r['method']} ({r['profile']})" for r in picked]
+        drops = [fp32 - r["top1"] for r in picked]
+        ax.barh(labels, drops, color=["#c0392b" if r["method"].startswith(("ORT", "ModelOpt")) else "#2a7ab9"
+                                      for r in picked])
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel(f"top-1 drop vs FP32 {fp32:.2f} % (pp, symlog)")
+        ax.set_title(f"{arch} {setting}")
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

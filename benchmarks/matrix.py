@@ -13,42 +13,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
+from _reference import CACHE, ensure_model, ensure_test_set
 from rich.console import Console
 from rich.table import Table
 
-from repapq_deploy.data import fashion_mnist as fm
 from repapq_deploy.environment import hardware
 from repapq_deploy.pipeline import Build, BuildOptions
 
-CACHE = Path.home() / ".cache" / "repapq-deploy" / "fmnist"
 # Short schedules: this benchmark proves that every method x bits x profile builds and verifies on the
-# real architectures; the accuracy benchmark of the calibration methods trains longer (--epochs).
+# real architectures; the accuracy benchmark of the calibration methods trains longer.
 EPOCHS = {"repvgg_a0": 1, "mobileone_s0": 1}
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def ensure_model(arch: str, epochs: int | None) -> Path:
-    """Train ``arch`` unless a cached checkpoint exists; return its folder."""
-    epochs = epochs or EPOCHS.get(arch, 8)
-    folder = CACHE / f"{arch}-e{epochs}"
-    if not (folder / "model.safetensors").exists():
-        subprocess.run([sys.executable, str(ROOT / "examples/fashion_mnist/train.py"), "--arch", arch,
-                        "--epochs", str(epochs), "--out", str(folder)], check=True)
-    return folder
-
-
-def ensure_test_set() -> Path:
-    path = CACHE / "test10k.npz"
-    if not path.exists():
-        x, y = fm.load_raw("test")
-        CACHE.mkdir(parents=True, exist_ok=True)
-        np.savez(path, x=fm.to_model_input(x), y=y)
-    return path
 
 
 def main() -> None:
@@ -64,7 +41,7 @@ def main() -> None:
     test = ensure_test_set()
     rows = []
     for arch in args.archs.split(","):
-        folder = ensure_model(arch, args.epochs)
+        folder = ensure_model(arch, args.epochs or EPOCHS.get(arch, 8))
         combos = itertools.product(args.profiles.split(","), [int(b) for b in args.bits.split(",")],
                                    args.methods.split(","))
         for profile, bits, method in combos:

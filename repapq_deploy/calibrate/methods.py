@@ -7,6 +7,7 @@ Reconstruction methods (``repapq``, ``brecq``) register into the same table.
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field, replace
 
@@ -231,6 +232,10 @@ def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: i
                               device, seed)
     qm.module.cpu()
     qm.set_mode("quant")
+    # the process's high-water mark so far (loading, fusing and calibrating; not yet exporting)
+    details["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":
+        details["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return CalibrationResult(method, len(data), time.perf_counter() - t0,
                              len(qm.act_quantizers), len(qm.weight_layers), details)
 

@@ -19,11 +19,14 @@ no affine, AdaRound (learned weight rounding) with fixed weight scales.
 from __future__ import annotations
 
 import math
+import os
 import re
-import resource
+import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -69,6 +72,8 @@ RECONSTRUCTION: dict[str, ReconSettings] = {
     "brecq": ReconSettings("brecq", init_act="mse", init_weight="mse", loss="mse", affine=False,
                            granularity="block", adaround=True),
 }
+# Cached unit inputs/outputs above this size live in memory-mapped temporary files instead of RAM.
+SPILL_BYTES = 1 << 30
 MIN_SCALE = 1e-7  # FP16's smallest subnormal is 6e-8
 PRESETS: dict[str, dict] = {
     "fast": {"iters": 200},
@@ -229,15 +234,37 @@ def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _forward_all(module: nn.Module, x: torch.Tensor, batch_size: int, device: str) -> torch.Tensor:
-    return torch.cat([module(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+def _forward_all(module: nn.Module, x: torch.Tensor, batch_size: int, device: str,
+                 spill_dir: Path | None = None) -> torch.Tensor:
+    """``module`` applied to all of ``x`` in batches. Outputs larger than :data:`SPILL_BYTES` go to a
+    memory-mapped file in ``spill_dir`` (1024 images of a 224x224 stem output are several GB)."""
+    first = module(x[:1].to(device)).cpu()
+    shape = (len(x), *first.shape[1:])
+    if spill_dir is not None and math.prod(shape) * 4 > SPILL_BYTES:
+        fd, name = tempfile.mkstemp(suffix=".npy", dir=spill_dir)
+        os.close(fd)
+        out = torch.from_numpy(np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape))
+    else:
+        out = torch.empty(shape)
+    for i in range(0, len(x), batch_size):
+        out[i:i + batch_size] = module(x[i:i + batch_size].to(device)).cpu()
+    return out
+
+
+@torch.no_grad()
+def _mean_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str, batch_size: int = 256) -> float:
+    """Mean absolute error of ``module(x)`` against ``y``, batch by batch (nothing the size of ``y`` is made)."""
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        pred = module(x[i:i + batch_size].to(device))
+        total += float((pred - y[i:i + batch_size].to(device)).abs().sum())
+    return total / y.numel()
 
 
 def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: ReconSettings,
                 batch_size: int, device: str, generator: torch.Generator) -> tuple[float, float]:
     module = unit.module
-    with torch.no_grad():
-        before = float(_loss(_forward_all(module, x_q, 256, device), y_fp, "mae"))
+    before = _mean_loss(module, x_q, y_fp, device)
     params = _unit_params(unit, settings)
     scales, trained = params["scales"], [p for group in params.values() for p in group]
     if not trained or settings.iters == 0:
@@ -284,8 +311,7 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
         p.requires_grad_(False)
     for m in _weight_layers(unit):
         m.bake_adaround()
-    with torch.no_grad():
-        after = float(_loss(_forward_all(module, x_q, 256, device), y_fp, "mae"))
+    after = _mean_loss(module, x_q, y_fp, device)
     return before, after
 
 
@@ -309,16 +335,17 @@ def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, pre
     x_q = data  # input of the current unit under the quantized model
     x_fp = data  # the same under the FP32 model
     per_unit = []
-    for unit in units:
-        qm.set_mode("off")
-        y_fp = _forward_all(unit.module, x_fp, batch_size, device)
-        qm.set_mode("quant")
-        before, after = _train_unit(unit, x_q, y_fp, settings, batch_size, device, generator)
-        per_unit.append({"unit": unit.name, "mae_before": before, "mae_after": after})
-        x_q = _forward_all(unit.module, x_q, batch_size, device)
-        x_fp = y_fp
+    with tempfile.TemporaryDirectory(prefix="repapq-") as spill:
+        for unit in units:
+            qm.set_mode("off")
+            y_fp = _forward_all(unit.module, x_fp, batch_size, device, Path(spill))
+            qm.set_mode("quant")
+            before, after = _train_unit(unit, x_q, y_fp, settings, batch_size, device, generator)
+            per_unit.append({"unit": unit.name, "mae_before": before, "mae_after": after})
+            x_q = _forward_all(unit.module, x_q, batch_size, device, Path(spill))
+            x_fp = y_fp
+        del x_q, x_fp, y_fp  # release the memory maps before their files go
     qm.module.cpu()
     qm.fold_affine()
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"settings": settings.to_dict(), "preset": preset, "units": per_unit,
-            "reconstruction_seconds": time.perf_counter() - t0, "peak_memory_mib": peak_mib}
+            "reconstruction_seconds": time.perf_counter() - t0}

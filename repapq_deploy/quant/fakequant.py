@@ -211,7 +211,14 @@ class _QuantWeightMixin:
 
     def _affine(self, y: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (y.dim() - 2)
-        return y * self.eta.view(shape) + self.eps.view(shape)
+        eps = self.eps
+        if self.input_quantizer is not None and self.weight_quantizer.enabled:
+            # where the profile stores int32 biases, train eps on the grid it will have after the fold
+            # (s_x * |eta| s_w, computed as _bias_scale will): its rounding error is often a sizeable
+            # fraction of the next activation step
+            scale = self.input_quantizer.scale * (self.weight_quantizer.scale * self.eta.abs()).clamp_min(1e-12)
+            eps = fake_quant(eps, scale.detach(), _INT32)
+        return y * self.eta.view(shape) + eps.view(shape)
 
     @torch.no_grad()
     def bake_adaround(self) -> None:

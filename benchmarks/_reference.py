@@ -1,0 +1,48 @@
+"""Reference models and data of the Fashion-MNIST benchmarks, trained and cached on first use.
+
+Checkpoints and arrays live under ``~/.cache/repapq-deploy/fmnist/`` (outside git); a missing
+checkpoint is trained by ``examples/fashion_mnist/train.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from repapq_deploy.data import fashion_mnist as fm
+
+CACHE = Path.home() / ".cache" / "repapq-deploy" / "fmnist"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_model(arch: str, epochs: int) -> Path:
+    """Train ``arch`` for ``epochs`` unless a cached checkpoint exists; return its folder."""
+    folder = CACHE / f"{arch}-e{epochs}"
+    if not (folder / "model.safetensors").exists():
+        subprocess.run([sys.executable, str(ROOT / "examples/fashion_mnist/train.py"), "--arch", arch,
+                        "--epochs", str(epochs), "--out", str(folder)], check=True)
+    return folder
+
+
+def ensure_test_set() -> Path:
+    """The full 10 000-image test set with labels, as model input."""
+    path = CACHE / "test10k.npz"
+    if not path.exists():
+        x, y = fm.load_raw("test")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x=fm.to_model_input(x), y=y)
+    return path
+
+
+def ensure_calib_set(count: int, seed: int) -> Path:
+    """``count`` training images drawn without replacement with ``seed``."""
+    path = CACHE / f"calib{count}_s{seed}.npz"
+    if not path.exists():
+        x, _ = fm.load_raw("train")
+        idx = np.random.default_rng(seed).choice(len(x), count, replace=False)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x=fm.to_model_input(x[idx]))
+    return path
