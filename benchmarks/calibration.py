@@ -79,10 +79,12 @@ def _build(kwargs: dict, recipe: dict | None) -> dict:
             "export_max_rel_diff": r["export"]["check"]["max_rel_diff"], "build_seconds": time.perf_counter() - t0}
 
 
-def run_build(recipe: dict | None = None, **kwargs) -> dict:
+def run_builds(specs: list[tuple[dict, dict | None]], jobs: int) -> list[dict]:
+    """Run ``(build options, recipe)`` specs, each in a fresh process, ``jobs`` at a time."""
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-        return pool.submit(_build, kwargs, recipe).result()
+    with ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = [pool.submit(_build, kwargs, recipe) for kwargs, recipe in specs]
+        return [f.result() for f in futures]
 
 
 class _Reader(CalibrationDataReader):
@@ -174,6 +176,8 @@ def main() -> None:
                     help="RepAPQ with one part changed (W6A6, tensorrt profile, default preset)")
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--modelopt-python", help="python of a virtual environment with nvidia-modelopt[onnx]")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="builds side by side (each then single-threaded; calibration times grow accordingly)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration"))
     args = ap.parse_args()
@@ -185,27 +189,25 @@ def main() -> None:
         model = ensure_model(arch, int(epochs)) / "model.safetensors"
         work = CACHE / "calibration" / f"{arch}-e{epochs}"
         common = {"model": str(model), "calib": str(calib), "calib_count": None, "eval": str(test),
-                  "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed}
-        rows = []
+                  "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed,
+                  "threads": 1 if args.jobs > 1 else None}
         todo = plan(args.methods.split(","), args.presets.split(","), args.brecq_presets.split(","), settings)
+        specs = []
         for row in todo:
-            method = "repapq" if row["method"] == "init" else row["method"]
             out = work / f"{row['method']}-{row['preset']}-{row['profile']}-w{row['bits']}-fl{row['first_last_bits']}"
-            preset = row["preset"] if row["preset"] != "-" else "default"
-            r = run_build(**common, out=str(out), method=method, preset=preset, profile=row["profile"],
-                          bits=row["bits"], first_last_bits=row["first_last_bits"])
-            rows.append({**row, **r})
-            console.print(f"{arch} {row['method']} {row['preset']} {row['setting']} {row['profile']}: "
-                          f"{r['top1']:.2f} % ({r['calib_seconds']:.0f} s)")
+            specs.append(({**common, "out": str(out), "method": "repapq" if row["method"] == "init" else row["method"],
+                           "preset": row["preset"] if row["preset"] != "-" else "default", "profile": row["profile"],
+                           "bits": row["bits"], "first_last_bits": row["first_last_bits"]}, None))
         if args.ablations:
             for name, change in ABLATIONS.items():
                 for label, profile, bits, fl in [s for s in settings if s[0] == "W6A6" and s[1] == "tensorrt"]:
                     out = work / f"ablation-{'_'.join(f'{k}={v}' for k, v in change.items())}-{profile}-w{bits}"
-                    r = run_build(change, **common, out=str(out), method="repapq-variant", preset="default",
-                                  profile=profile, bits=bits, first_last_bits=fl)
-                    rows.append({"method": name, "preset": "default", "setting": label, "profile": profile,
-                                 "bits": bits, "first_last_bits": fl, **r})
-                    console.print(f"{arch} {name}: {r['top1']:.2f} %")
+                    todo.append({"method": name, "preset": "default", "setting": label, "profile": profile,
+                                 "bits": bits, "first_last_bits": fl})
+                    specs.append(({**common, "out": str(out), "method": "repapq-variant", "preset": "default",
+                                   "profile": profile, "bits": bits, "first_last_bits": fl}, change))
+        console.print(f"{arch}: {len(specs)} builds, {args.jobs} at a time")
+        rows = [{**row, **r} for row, r in zip(todo, run_builds(specs, args.jobs), strict=True)]
         fp32 = rows[0]["fp32"]
         if args.peers:
             rows += peer_rows(arch, fp32, next(work.glob("*/model.fp32.onnx")), calib, test, work,
@@ -228,7 +230,8 @@ def report(arch: str, epochs: int, fp32: float, rows: list[dict], args: argparse
         md.append("| " + " | ".join(cells) + " |")
     Console().print(table)
     payload = {"arch": arch, "epochs": epochs, "calib_images": args.calib_count, "eval_images": 10000,
-               "seed": args.seed, "fp32": fp32, "rows": rows, "hardware": hardware(), "versions": versions()}
+               "seed": args.seed, "jobs": args.jobs, "threads_per_build": 1 if args.jobs > 1 else "all",
+               "fp32": fp32, "rows": rows, "hardware": hardware(), "versions": versions()}
     (args.out / f"{arch}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (args.out / f"{arch}.md").write_text("\n".join(md) + "\n")
     _chart(rows, fp32, arch, args.out / f"{arch}.png")

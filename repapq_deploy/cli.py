@@ -83,6 +83,8 @@ def build_options(fn):
         click.option("--mean", callback=_floats, help="Per-channel normalization mean, comma-separated."),
         click.option("--std", callback=_floats, help="Per-channel normalization std, comma-separated."),
         click.option("--resize", type=int, help="Resize the shorter side to this before the center crop."),
+        click.option("--threads", type=click.IntRange(min=1),
+                     help="CPU threads for calibration and ONNX Runtime (default: all cores)."),
         click.option("--bench-seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
                      help="Time budget per latency measurement."),
         click.option("--trt-batch", callback=_ints, default="1,8,32", show_default=True,
@@ -228,10 +230,11 @@ def _percent(ctx, param, value: str) -> float:  # noqa: ARG001
 @click.option("--reference", type=click.Path(dir_okay=False),
               help="FP32 ONNX timed interleaved with the engine, so the speed-up is measured in one run.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("--out", type=click.Path(dir_okay=False), help="JSON output (default: bench.json beside ENGINE).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON on stdout instead of a table.")
 @_guard
-def bench(engine, backend, batches, warmup, iters, seconds, reference, seed, out, as_json) -> None:
+def bench(engine, backend, batches, warmup, iters, seconds, reference, seed, threads, out, as_json) -> None:
     """Latency percentiles (p50/p90/p99) and throughput of ENGINE at each batch size."""
     from pathlib import Path
 
@@ -239,6 +242,9 @@ def bench(engine, backend, batches, warmup, iters, seconds, reference, seed, out
 
     from repapq_deploy.artifacts import write_json
     from repapq_deploy.bench import BenchSettings, run_bench
+    from repapq_deploy.environment import limit_threads
+
+    limit_threads(threads)
 
     result = run_bench(engine, backend=backend, reference=reference,
                        settings=BenchSettings(batches, warmup, iters, seconds, seed))

@@ -61,3 +61,22 @@ def code_hash() -> str:
         h.update(p.relative_to(root).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+_threads = 0  # 0: each library's own default (all cores)
+
+
+def limit_threads(threads: int | None) -> None:
+    """Use at most ``threads`` CPU threads in this process, in PyTorch and in every ONNX Runtime session
+    created afterwards (containers with CPU quotas, several builds side by side). None: defaults."""
+    global _threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+        _threads = threads
+
+
+def ort_threads() -> int:
+    """``intra_op_num_threads`` for new ONNX Runtime sessions (0 = ONNX Runtime's default)."""
+    return _threads

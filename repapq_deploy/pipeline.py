@@ -30,7 +30,7 @@ from repapq_deploy.data.loader import (
     load_dataset,
     preprocess_from_timm,
 )
-from repapq_deploy.environment import code_hash, hardware, versions
+from repapq_deploy.environment import code_hash, hardware, limit_threads, versions
 from repapq_deploy.errors import DeployError
 from repapq_deploy.export import (
     check_against_torch,
@@ -99,6 +99,7 @@ class BuildOptions:
     trust_pickle: bool = False
     force: bool = False
     bench_seconds: float = 3.0
+    threads: int | None = None  # CPU threads (PyTorch and ONNX Runtime); None: all cores
     trt_batch: tuple[int, int, int] = (1, 8, 32)
     workspace_mib: int = 4096
     builder_opt_level: int = 3
@@ -119,6 +120,7 @@ class Build:
         self.opts = opts
         self.out = Path(opts.out)
         self._check_out_dir()
+        limit_threads(opts.threads)
         self.engine_backend, self.profile = resolve_backend(opts.backend, opts.profile)
         self.qconfig = QuantConfig(self.profile, opts.bits, opts.first_last_bits)
         self.manifest = Manifest(self.out / MANIFEST, versions())

@@ -539,3 +539,26 @@ def test_backend_tensorrt_error_keeps_the_install_hint(tmp_path):
     out = tmp_path / "out"
     result = cli("build", MODEL, "--calib", CALIB, "--out", out, "--backend", "tensorrt")
     assert_clean_failure(result, out, "repapq-deploy[gpu]")
+
+
+def test_threads_limit_reaches_torch_and_onnxruntime(tmp_path):
+    import onnx
+    import onnx.helper as oh
+    import torch
+
+    from repapq_deploy import environment
+    from repapq_deploy.backends.onnxruntime import OrtRunner
+
+    before = torch.get_num_threads()
+    try:
+        environment.limit_threads(1)
+        assert torch.get_num_threads() == 1 and environment.ort_threads() == 1
+        path = tmp_path / "id.onnx"
+        graph = oh.make_graph([oh.make_node("Relu", ["x"], ["y"])], "g",
+                              [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+        onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), path)
+        assert OrtRunner(path).threads == 1
+    finally:
+        environment.limit_threads(before)
+        environment._threads = 0

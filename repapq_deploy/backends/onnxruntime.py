@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from repapq_deploy.artifacts import atomic_path
 from repapq_deploy.backends.base import Backend, EngineInfo, Runner
+from repapq_deploy.environment import ort_threads
 
 # Ops that run convolutions/matmuls in integer arithmetic, and their float counterparts.
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "QGemm", "MatMulInteger", "QLinearMatMul",
@@ -29,11 +30,11 @@ def count_ops(model: onnx.ModelProto) -> tuple[int, int, Counter]:
 class OrtRunner(Runner):
     """An ``InferenceSession`` on the CPU execution provider."""
 
-    def __init__(self, path: Path, optimize: bool = True, threads: int = 0) -> None:
+    def __init__(self, path: Path, optimize: bool = True, threads: int | None = None) -> None:
         super().__init__()
         self.path = Path(path)
         self.optimize = optimize
-        self.threads = threads
+        self.threads = ort_threads() if threads is None else threads
         self.session: ort.InferenceSession | None = None
 
     def activate_impl(self) -> None:
@@ -66,6 +67,7 @@ class OnnxRuntimeBackend(Backend):
         with atomic_path(engine_path) as tmp:
             so = ort.SessionOptions()
             so.log_severity_level = 3
+            so.intra_op_num_threads = ort_threads()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             so.optimized_model_filepath = str(tmp)
             ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])

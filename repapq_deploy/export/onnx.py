@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from repapq_deploy.artifacts import atomic_path
+from repapq_deploy.environment import ort_threads
 from repapq_deploy.errors import DeployError
 from repapq_deploy.quant.placement import QuantizedModel
 
@@ -117,6 +118,7 @@ def reference_session(path: str | Path) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
+    so.intra_op_num_threads = ort_threads()
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
