@@ -1,0 +1,75 @@
+"""Screen calibration recipes quickly: fake-quant top-1 on the full Fashion-MNIST test set, no export.
+
+    python benchmarks/recipe_screen.py BUILD_DIR --profile tensorrt --bits 8 --method repapq --preset fast \
+        [--recipe '{"adaround": true}'] [--split]
+
+``BUILD_DIR`` is a build folder of ``benchmarks/calibration.py`` (its ``fused.pt`` is used), e.g.
+``~/.cache/repapq-deploy/fmnist/calibration/repvgg_a0-e15/minmax---tensorrt-w8-fl8``. ``--recipe``
+changes fields of the reconstruction settings (``ReconSettings``). ``--split`` additionally reports
+the accuracy with only the weights and with only the activations quantized. The fake-quant top-1
+equals the engine's in the benchmark's builds, so this ranks recipes without building engines.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from _reference import ensure_calib_set, ensure_test_set
+
+from repapq_deploy.calibrate import calibrate
+from repapq_deploy.calibrate import reconstruct as R
+from repapq_deploy.quant.placement import quantize_model
+from repapq_deploy.quant.scheme import QuantConfig
+
+
+def top1(module: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
+    with torch.no_grad():
+        pred = torch.cat([module(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]).numpy()
+    return float((pred == y).mean() * 100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("build", type=Path)
+    ap.add_argument("--profile", default="tensorrt")
+    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--method", default="repapq")
+    ap.add_argument("--preset", default="fast")
+    ap.add_argument("--recipe", default="{}", help="JSON object of ReconSettings fields")
+    ap.add_argument("--split", action="store_true")
+    ap.add_argument("--calib-count", type=int, default=1024)
+    args = ap.parse_args()
+    fused = torch.load(args.build / "fused.pt", weights_only=False).eval()  # our own artifact
+    calib = torch.from_numpy(np.load(ensure_calib_set(args.calib_count, 0))["x"])
+    test = np.load(ensure_test_set())
+    x, y = torch.from_numpy(test["x"]), test["y"]
+    method, recipe = args.method, json.loads(args.recipe)
+    if recipe:
+        R.RECONSTRUCTION["screened"] = replace(R.RECONSTRUCTION[method], **recipe)
+        method = "screened"
+    qm = quantize_model(fused, QuantConfig(args.profile, args.bits, 8))
+    t0 = time.perf_counter()
+    calibrate(qm, calib, method, preset=args.preset)
+    result = {"build": str(args.build), "profile": args.profile, "bits": args.bits, "method": args.method,
+              "preset": args.preset, "recipe": recipe, "calib_seconds": round(time.perf_counter() - t0, 1),
+              "fp32": top1(fused, x, y), "top1": top1(qm.module, x, y)}
+    if args.split:
+        for q in qm.act_quantizers.values():
+            q.mode = "off"
+        result["weights_only"] = top1(qm.module, x, y)
+        qm.set_mode("quant")
+        for layer in qm.weight_layers.values():
+            layer.weight_quantizer.enabled = False
+        result["activations_only"] = top1(qm.module, x, y)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
