@@ -155,7 +155,7 @@ def test_pipeline_reloads_folded_layers(tmp_path, example_dir):
     common = [str(example_dir / "model.safetensors"), "--calib", str(example_dir / "calib.npz"), "--eval",
               str(example_dir / "eval.npz"), "--eval-count", "128", "--calib-count", "64", "--method", "repapq",
               "--preset", "fast", "--bits", "6", "--profile", "tensorrt", "--out", str(tmp_path),
-              "--bench-seconds", "0.1"]
+              "--bench-seconds", "0.1", "--adaround", "--qdrop", "0.5"]
     runner = CliRunner()
     assert runner.invoke(main, ["export", *common]).exit_code == 0
     result = runner.invoke(main, ["build", *common, "--json"])
@@ -163,6 +163,8 @@ def test_pipeline_reloads_folded_layers(tmp_path, example_dir):
     report = json.loads(result.stdout)
     assert report["calibration"]["method"] == "repapq"
     assert report["calibration"]["details"]["settings"]["affine"] is True
+    assert report["calibration"]["details"]["settings"]["adaround"] is True  # the CLI options reach the recipe
+    assert report["calibration"]["details"]["settings"]["qdrop"] == 0.5
     # fake-quant (reloaded from qstate.pt) and the engine agree exactly on the top-1
     assert report["accuracy"]["fake_quant"]["top1"] == report["accuracy"]["engine"]["top1"]
     assert report["accuracy"]["fake_quant_engine_agreement_top1"] == 100.0
@@ -225,3 +227,12 @@ def test_spilling_cached_activations_to_disk_changes_nothing(fused_example, cali
         calibrate(qm, calib_x[:64], "repapq", preset="tiny", seed=1)
         outs.append(np.concatenate([t.numpy().ravel() for t in qm.scales().values()]))
     assert np.array_equal(outs[0], outs[1])
+
+
+def test_fold_can_be_deferred(fused_example, calib_x):
+    gm, _ = fused_example
+    qm = quantize_model(gm, QuantConfig("tensorrt", 8, 8))
+    calibrate(qm, calib_x[:32], "repapq", preset="tiny", overrides={"fold": False})
+    assert all(layer.has_affine for layer in qm.weight_layers.values())  # kept for inspection
+    qm.fold_affine()
+    assert not any(layer.has_affine for layer in qm.weight_layers.values())

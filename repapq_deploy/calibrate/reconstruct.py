@@ -62,6 +62,8 @@ class ReconSettings:
     lr_round: float = 1e-3
     round_weight: float = 0.01  # BRECQ's lambda, relative to a loss summed over a sample's outputs
     round_warmup: float = 0.2  # fraction of the iterations before the rounding regulariser starts
+    # fold the QPRep affine into scales and biases at the end (off only to inspect the unfolded model)
+    fold: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,7 +240,7 @@ def _forward_all(module: nn.Module, x: torch.Tensor, batch_size: int, device: st
                  spill_dir: Path | None = None) -> torch.Tensor:
     """``module`` applied to all of ``x`` in batches. Outputs larger than :data:`SPILL_BYTES` go to a
     memory-mapped file in ``spill_dir`` (1024 images of a 224x224 stem output are several GB)."""
-    first = module(x[:1].to(device)).cpu()
+    first = module(x[:batch_size].to(device)).cpu()  # also gives the output shape
     shape = (len(x), *first.shape[1:])
     if spill_dir is not None and math.prod(shape) * 4 > SPILL_BYTES:
         fd, name = tempfile.mkstemp(suffix=".npy", dir=spill_dir)
@@ -246,7 +248,8 @@ def _forward_all(module: nn.Module, x: torch.Tensor, batch_size: int, device: st
         out = torch.from_numpy(np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape))
     else:
         out = torch.empty(shape)
-    for i in range(0, len(x), batch_size):
+    out[:len(first)] = first
+    for i in range(batch_size, len(x), batch_size):
         out[i:i + batch_size] = module(x[i:i + batch_size].to(device)).cpu()
     return out
 
@@ -346,6 +349,7 @@ def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, pre
             x_fp = y_fp
         del x_q, x_fp, y_fp  # release the memory maps before their files go
     qm.module.cpu()
-    qm.fold_affine()
+    if settings.fold:
+        qm.fold_affine()
     return {"settings": settings.to_dict(), "preset": preset, "units": per_unit,
             "reconstruction_seconds": time.perf_counter() - t0}
