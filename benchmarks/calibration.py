@@ -3,7 +3,7 @@
     python benchmarks/calibration.py [--models repvgg_a0:15,mobileone_s0:4] [--calib-count 1024]
         [--methods minmax,percentile,entropy,mse,mae,init,brecq,repapq] [--presets fast,default]
         [--brecq-presets default] [--settings W8A8:onnxruntime,...] [--ablations/--no-ablations]
-        [--modelopt-python /path/to/venv/bin/python] [--out benchmarks/results/calibration]
+        [--modelopt-python /path/to/venv/bin/python] [--merge] [--out benchmarks/results/calibration]
 
 Reference models: timm ``repvgg_a0`` and ``mobileone_s0`` (10 classes, 32x32 grey input) trained on
 Fashion-MNIST by ``examples/fashion_mnist/train.py`` for the given epochs, trained when missing and
@@ -23,7 +23,9 @@ environment with ``nvidia-modelopt[onnx]``, ModelOpt's ONNX INT8 PTQ with its de
 graph in FP16) and with ``--high_precision_dtype fp32``; both peers' graphs run in ONNX Runtime CPU.
 
 Writes ``<arch>.json``, ``<arch>.md`` and ``<arch>.png`` per model to ``--out`` and prints tables.
-Re-running resumes: finished builds are reused through their manifests.
+Re-running resumes: finished builds are reused through their manifests (a changed package re-runs
+them). ``--merge`` re-measures only the selected rows and keeps the other rows of an existing
+``<arch>.json``; every row records when it was measured (``measured_at``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ ABLATIONS = {
     "repapq (MSE loss)": {"loss": "mse"},
     "repapq (block-wise)": {"granularity": "block"},
     "repapq (no LSQ steps)": {"learn_scales": False},
+    "repapq (frozen weights)": {"lr_weight": 0.0},
     "repapq (+ AdaRound)": {"adaround": True},
 }
 console = Console(stderr=True)
@@ -181,6 +184,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="builds side by side (each then single-threaded; calibration times grow accordingly)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the rows run now in an existing <arch>.json, keep the others")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration"))
     args = ap.parse_args()
     calib, test = ensure_calib_set(args.calib_count, args.seed), ensure_test_set()
@@ -209,12 +214,25 @@ def main() -> None:
                     specs.append(({**common, "out": str(out), "method": "repapq-variant", "preset": "default",
                                    "profile": profile, "bits": bits, "first_last_bits": fl}, change))
         console.print(f"{arch}: {len(specs)} builds, {args.jobs} at a time")
+        measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         rows = [{**row, **r} for row, r in zip(todo, run_builds(specs, args.jobs), strict=True)]
         fp32 = rows[0]["fp32"]
         if args.peers:
             rows += peer_rows(arch, fp32, next(work.glob("*/model.fp32.onnx")), calib, test, work,
                               args.modelopt_python)
+        for r in rows:
+            r["measured_at"] = measured_at
+        if args.merge and (args.out / f"{arch}.json").exists():
+            rows = merge_rows(json.loads((args.out / f"{arch}.json").read_text())["rows"], rows)
         report(arch, int(epochs), fp32, rows, args)
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` with the rows that ``new`` re-measured replaced in place; rows new to the table go last."""
+    key = lambda r: (r["method"], r["preset"], r["setting"], r["profile"])  # noqa: E731
+    fresh = {key(r): r for r in new}
+    merged = [fresh.pop(key(r), r) for r in old]
+    return merged + [r for r in new if key(r) in fresh]
 
 
 def report(arch: str, epochs: int, fp32: float, rows: list[dict], args: argparse.Namespace) -> None:

@@ -168,6 +168,39 @@ def test_ort_backend_fuses_ort_profile_graph_into_integer_kernels(graphs, tmp_pa
     assert OnnxRuntimeBackend().describe(engine) == info.to_dict()
 
 
+class Relu6Net(nn.Module):
+    """Convs followed by ReLU6 (MobileNet/EfficientNet-Lite style), inputs large enough to saturate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.act = nn.ReLU6()
+        self.fc = nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv2(self.act(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_relu6_ranges_stay_within_six_so_onnxruntime_fuses_every_conv(method, tmp_path):
+    # A range past 6 (or 6 itself rounded up in float32) keeps ReLU6's Clip in float: ORT then
+    # fuses Conv+Clip into a float FusedConv instead of a QLinearConv.
+    torch.manual_seed(0)
+    model = Relu6Net().eval()
+    x = 10 * torch.randn(32, 1, 8, 8)
+    qm = quantize_model(model, QuantConfig("onnxruntime", 8, 8))
+    capped = [q for q in qm.act_quantizers.values() if q.upper == 6.0]
+    assert len(capped) == 3  # the inputs of conv2, of the mean and of the classifier
+    calibrate(qm, x, method, batch_size=16)
+    for q in capped:
+        assert np.float32(q.scale.item()) * np.float32(q.fmt.qmax) <= 6.0
+    export_qdq(qm, x, tmp_path / "relu6.qdq.onnx")
+    info = OnnxRuntimeBackend().build(tmp_path / "relu6.qdq.onnx", tmp_path / "relu6.ort.onnx")
+    assert info.int8_op_fraction == 1.0, info.op_counts
+
+
 def test_ort_backend_engine_matches_the_quantized_graph(graphs, tmp_path):
     engine = tmp_path / "model.ort.onnx"
     OnnxRuntimeBackend().build(graphs.qdq["onnxruntime"], engine)

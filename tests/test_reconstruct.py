@@ -236,3 +236,19 @@ def test_fold_can_be_deferred(fused_example, calib_x):
     assert all(layer.has_affine for layer in qm.weight_layers.values())  # kept for inspection
     qm.fold_affine()
     assert not any(layer.has_affine for layer in qm.weight_layers.values())
+
+
+@pytest.mark.parametrize(("lr_weight", "changed"), [(0.0, False), (1e-4, True)])
+def test_weights_are_learned_only_when_asked(fused_example, calib_x, lr_weight, changed):
+    gm, _ = fused_example
+    qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
+    before = {k: v.clone() for k, v in qm.layer_tensors().items() if k.endswith(".weight")}
+    calibrate(qm, calib_x[:32], "repapq", preset="tiny", overrides={"fold": False, "lr_weight": lr_weight})
+    after = qm.layer_tensors()
+    assert any(not torch.equal(before[k], after[k]) for k in before) is changed
+    assert all(not p.requires_grad for p in qm.module.parameters())  # nothing left in training state
+
+
+def test_repapq_learns_weights_by_default():
+    assert R.RECONSTRUCTION["repapq"].lr_weight > 0
+    assert R.RECONSTRUCTION["brecq"].adaround  # BRECQ learns rounding of fixed weights instead

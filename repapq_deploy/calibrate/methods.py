@@ -199,7 +199,7 @@ def set_ranges(qm: QuantizedModel, data: torch.Tensor, act: RangeMethod, weight:
     with torch.no_grad():
         for name, q in qm.act_quantizers.items():
             amax = act.activation_amax(observers[name], q.fmt) if observers[name].amax > 0 else 0.0
-            q.scale.copy_(scale_from_amax(torch.tensor(float(amax)), q.fmt.qmax))
+            q.scale.copy_(scale_from_amax(torch.tensor(float(amax)), q.fmt.qmax).clamp(max=q.max_scale))
             q.observer = None
         for layer in qm.weight_layers.values():
             wq = layer.weight_quantizer

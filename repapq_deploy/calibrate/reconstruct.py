@@ -62,6 +62,9 @@ class ReconSettings:
     lr_round: float = 1e-3
     round_weight: float = 0.01  # BRECQ's lambda, relative to a loss summed over a sample's outputs
     round_warmup: float = 0.2  # fraction of the iterations before the rounding regulariser starts
+    # learn the float weights themselves too (Adam lr; 0: frozen). Ignored with AdaRound, which learns
+    # the rounding of fixed weights instead. The export quantizes the learned weights as usual.
+    lr_weight: float = 0.0
     # fold the QPRep affine into scales and biases at the end (off only to inspect the unfolded model)
     fold: bool = True
 
@@ -70,7 +73,8 @@ class ReconSettings:
 
 
 RECONSTRUCTION: dict[str, ReconSettings] = {
-    "repapq": ReconSettings("repapq"),
+    # weights fine-tuned too: W6A6 repvgg_a0 0.54 -> 0.30 pp (docs/method.md)
+    "repapq": ReconSettings("repapq", lr_weight=1e-4),
     "brecq": ReconSettings("brecq", init_act="mse", init_weight="mse", loss="mse", affine=False,
                            granularity="block", adaround=True),
 }
@@ -205,8 +209,8 @@ def _weight_layers(unit: Unit) -> list[QuantConv2d | QuantLinear]:
 
 
 def _unit_params(unit: Unit, settings: ReconSettings) -> dict[str, list[nn.Parameter]]:
-    """The unit's trainable parameters by group: step sizes, affine, AdaRound rounding."""
-    params: dict[str, list[nn.Parameter]] = {"scales": [], "affine": [], "rounding": []}
+    """The unit's trainable parameters by group: step sizes, affine, AdaRound rounding, weights."""
+    params: dict[str, list[nn.Parameter]] = {"scales": [], "affine": [], "rounding": [], "weights": []}
     for m in unit.module.modules():
         if isinstance(m, ActQuantizer) and settings.learn_scales:
             params["scales"].append(m.scale)
@@ -216,6 +220,8 @@ def _unit_params(unit: Unit, settings: ReconSettings) -> dict[str, list[nn.Param
             params["rounding"].append(m.weight_quantizer.alpha)
         elif settings.learn_scales:
             params["scales"].append(m.weight_quantizer.scale)
+        if settings.lr_weight > 0 and not settings.adaround:
+            params["weights"].append(m.weight)
         if m.has_affine:
             params["affine"] += [m.eta, m.eps]
     return params
@@ -269,14 +275,18 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
     module = unit.module
     before = _mean_loss(module, x_q, y_fp, device)
     params = _unit_params(unit, settings)
-    scales, trained = params["scales"], [p for group in params.values() for p in group]
+    trained = [p for group in params.values() for p in group]
+    # each step size with its upper limit (a ReLU6 bound; see ActQuantizer.max_scale)
+    limits = {id(m.scale): m.max_scale for m in module.modules() if isinstance(m, ActQuantizer)}
+    scales = [(p, limits.get(id(p), math.inf)) for p in params["scales"]]
     if not trained or settings.iters == 0:
         for m in _weight_layers(unit):
             m.bake_adaround()
         return before, before
     for p in trained:
         p.requires_grad_(True)
-    lrs = {"scales": settings.lr_scale, "affine": settings.lr_affine, "rounding": settings.lr_round}
+    lrs = {"scales": settings.lr_scale, "affine": settings.lr_affine, "rounding": settings.lr_round,
+           "weights": settings.lr_weight}
     groups = [{"params": ps, "lr": lrs[k]} for k, ps in params.items() if ps]
     # BRECQ weighs the rounding term against a loss summed over a sample's outputs; ours is a mean
     round_weight = settings.round_weight / y_fp[0].numel()
@@ -301,9 +311,9 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
             opt.step()
             sched.step()
             with torch.no_grad():
-                for p in scales:
+                for p, most in scales:
                     # positive, and representable in the FP16 graphs TensorRT builds from
-                    p.clamp_(min=MIN_SCALE)
+                    p.clamp_(min=MIN_SCALE, max=most)
             if step % 10 == 0:
                 progress.update(task, completed=step + 1, loss=float(loss.detach()))
     module.eval()
@@ -332,6 +342,8 @@ def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, pre
         for layer in qm.weight_layers.values():
             layer.enable_affine()
     gm = qm.module.to(device)
+    # only what a unit trains gets gradients (frozen float weights need none: less work per step)
+    gm.requires_grad_(False)
     units = split_units(gm, unit_labels(gm, settings.granularity, data[:1].to(device)))
     log(f"  {settings.name}: {len(units)} units ({', '.join(u.name for u in units)}), "
         f"{settings.iters} iterations each")

@@ -11,6 +11,9 @@ scales, so reconstruction-based calibration can train them.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,16 +82,32 @@ class ActQuantizer(nn.Module):
     statistics), ``quant`` fake-quantizes, ``off`` passes through.
     """
 
-    def __init__(self, fmt: IntFormat, nonnegative: bool, integer_clip: bool = False) -> None:
+    def __init__(self, fmt: IntFormat, nonnegative: bool, integer_clip: bool = False,
+                 upper: float | None = None) -> None:
         super().__init__()
         self.fmt = fmt
         self.nonnegative = nonnegative
         self.integer_clip = integer_clip
+        # a bound the input never exceeds (ReLU6: 6); the range is kept within it, see max_scale
+        self.upper = upper
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
         self.mode = "off"
         self.observer = None
         # QDrop: while training, keep this fraction of elements unquantized (a flatter loss landscape)
         self.drop_prob = 0.0
+
+    @property
+    def max_scale(self) -> float:
+        """The largest step whose range ``qmax * step`` stays within :attr:`upper` in float32 (inf
+        without a bound). A range past a ReLU6's 6 is wasted, and ONNX Runtime then keeps the Clip
+        in float instead of fusing it into the quantization (ClipQuantFusion), so the conv before
+        it runs in float too."""
+        if self.upper is None:
+            return math.inf
+        step = np.float32(self.upper / self.fmt.qmax)
+        while np.float32(step * np.float32(self.fmt.qmax)) > self.upper:
+            step = np.nextafter(step, np.float32(0))
+        return float(step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "observe":

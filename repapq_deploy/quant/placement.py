@@ -79,6 +79,18 @@ def is_nonnegative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return True
 
 
+def upper_bound(node: fx.Node, modules: dict[str, nn.Module]) -> float | None:
+    """6 for a ReLU6 output (possibly through pools/reshapes), else None: the quantizer's range must
+    not exceed it, or ONNX Runtime keeps the Clip and cannot fuse the conv into an integer kernel."""
+    while op_kind(node, modules) != "relu":
+        if not (_keeps_sign(node, modules) and node.args and isinstance(node.args[0], fx.Node)):
+            return None
+        node = node.args[0]
+    relu6 = ((node.op == "call_module" and isinstance(modules[node.target], nn.ReLU6))
+             or (node.op == "call_function" and node.target is F.relu6))
+    return 6.0 if relu6 else None
+
+
 # --- placement rules: (node, profile, modules) -> positions of node.args to quantize -----------------
 
 def _first_input(node: fx.Node, profile: Profile, modules: dict[str, nn.Module]) -> list[int]:  # noqa: ARG001
@@ -212,9 +224,9 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
 
     quantized_of: dict[str, fx.Node] = {}
 
-    def new_quantizer(bits: int, nonneg: bool) -> str:
+    def new_quantizer(bits: int, nonneg: bool, upper: float | None = None) -> str:
         name = f"act_quant_{len(qm.act_quantizers)}"
-        aq = ActQuantizer(profile.activation_format(bits, nonneg), nonneg, profile.integer_clip)
+        aq = ActQuantizer(profile.activation_format(bits, nonneg), nonneg, profile.integer_clip, upper)
         gm.add_submodule(name, aq)
         qm.act_quantizers[name] = modules[name] = aq
         return name
@@ -229,7 +241,7 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
             already = inp.op == "call_module" and isinstance(modules.get(inp.target), ActQuantizer)
             target = inp.target if already else quantized(inp, bits).target
         else:
-            target = new_quantizer(bits, is_nonnegative(src, modules))
+            target = new_quantizer(bits, is_nonnegative(src, modules), upper_bound(src, modules))
         with graph.inserting_after(src):
             qn = graph.call_module(target, (src,))
         quantized_of[src.name] = qn
