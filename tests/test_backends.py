@@ -183,22 +183,90 @@ class Relu6Net(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
-def test_relu6_ranges_stay_within_six_so_onnxruntime_fuses_every_conv(method, tmp_path):
-    # A range past 6 (or 6 itself rounded up in float32) keeps ReLU6's Clip in float: ORT then
-    # fuses Conv+Clip into a float FusedConv instead of a QLinearConv.
+def _ort_fraction(qm: QuantizedModel, x: torch.Tensor, folder: Path) -> EngineInfo:
+    export_qdq(qm, x, folder / "model.qdq.onnx")
+    return OnnxRuntimeBackend().build(folder / "model.qdq.onnx", folder / "model.ort.onnx")
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "repapq"])
+def test_relu6_ranges_stay_within_six_so_onnxruntime_fuses_every_conv(method, tmp_path, monkeypatch):
+    from repapq_deploy.calibrate import reconstruct as R
+
+    monkeypatch.setitem(R.PRESETS, "tiny", {"iters": 30})
     torch.manual_seed(0)
     model = Relu6Net().eval()
     x = 10 * torch.randn(32, 1, 8, 8)
     qm = quantize_model(model, QuantConfig("onnxruntime", 8, 8))
     capped = [q for q in qm.act_quantizers.values() if q.upper == 6.0]
     assert len(capped) == 3  # the inputs of conv2, of the mean and of the classifier
-    calibrate(qm, x, method, batch_size=16)
+    calibrate(qm, x, method, batch_size=16, preset="tiny")
     for q in capped:
         assert np.float32(q.scale.item()) * np.float32(q.fmt.qmax) <= 6.0
-    export_qdq(qm, x, tmp_path / "relu6.qdq.onnx")
-    info = OnnxRuntimeBackend().build(tmp_path / "relu6.qdq.onnx", tmp_path / "relu6.ort.onnx")
+    info = _ort_fraction(qm, x, tmp_path)
     assert info.int8_op_fraction == 1.0, info.op_counts
+
+
+def test_relu6_range_past_six_leaves_convs_in_float(tmp_path):
+    # Why the cap exists: ONNX Runtime drops ReLU6's Clip only when the following Q's range lies within
+    # [0, 6]; otherwise Conv+Clip become a float FusedConv.
+    torch.manual_seed(0)
+    x = 10 * torch.randn(32, 1, 8, 8)
+    qm = quantize_model(Relu6Net().eval(), QuantConfig("onnxruntime", 8, 8))
+    calibrate(qm, x, "minmax", batch_size=16)
+    with torch.no_grad():
+        for q in qm.act_quantizers.values():
+            if q.upper is not None:
+                q.scale.fill_(6.5 / q.fmt.qmax)
+    info = _ort_fraction(qm, x, tmp_path)
+    assert info.int8_op_fraction < 1.0
+    assert "FusedConv" in info.op_counts
+
+
+class PadNet(nn.Module):
+    """EfficientNet-Lite style: explicit TF-"same" zero padding before every k>1 conv, ReLU6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad0, self.stem = nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(1, 8, 3, stride=2)
+        self.expand = nn.Conv2d(8, 16, 1)
+        self.pad1, self.dw1 = nn.ZeroPad2d(1), nn.Conv2d(16, 16, 3, groups=16)
+        self.dw2 = nn.Conv2d(16, 16, 3, stride=2, groups=16)
+        self.act = nn.ReLU6()
+        self.fc = nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem(self.pad0(x)))
+        x = self.act(self.expand(x))
+        x = self.act(self.dw1(self.pad1(x)))
+        x = self.act(self.dw2(torch.nn.functional.pad(x, (0, 1, 0, 1))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("form", ["modules", "torch.export"])
+@pytest.mark.parametrize("profile", ["onnxruntime", "tensorrt"])
+def test_zero_padding_shares_its_input_scale_and_every_conv_fuses(form, profile, tmp_path):
+    from repapq_deploy.export import check_against_torch
+    from repapq_deploy.load import lift_exported
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 16, 16)
+    model = PadNet().eval()
+    if form == "torch.export":
+        model = lift_exported(torch.export.export(model, (x[:2],)).module())
+    qm = quantize_model(model, QuantConfig(profile, 8, 8))
+    pads = [n for n in qm.module.graph.nodes if "pad" in str(n.target)]
+    assert len(pads) == 3
+    for pad in pads:
+        (after,) = pad.users  # the pad's output quantizer is its input's (one scale, as for MaxPool)
+        assert after.target == pad.args[0].target
+    calibrate(qm, x, "minmax", batch_size=16)
+    if profile == "onnxruntime":
+        info = _ort_fraction(qm, x, tmp_path)
+        assert info.int8_op_fraction == 1.0, info.op_counts
+    else:
+        export_qdq(qm, x, tmp_path / "model.qdq.onnx")
+    check = check_against_torch(qm, tmp_path / "model.qdq.onnx", x)
+    assert check.agreement_top1 == 100.0
 
 
 def test_ort_backend_engine_matches_the_quantized_graph(graphs, tmp_path):

@@ -33,8 +33,26 @@ _MONOTONE_FUNCS = {torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_poo
 _MONOTONE_METHODS = {"flatten", "mean", "view", "reshape", "contiguous"}
 
 
+def _is_zero_pad(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Constant zero padding (TF-style "same" padding as in EfficientNet-Lite, nn.ZeroPad2d, F.pad)."""
+    if node.op == "call_module":
+        mod = modules[node.target]
+        return isinstance(mod, nn.ConstantPad2d) and mod.value == 0
+    if node.op != "call_function":
+        return False
+    args = list(node.args) + [None] * 4
+    if node.target is torch.ops.aten.constant_pad_nd.default:
+        return not args[2] and not node.kwargs.get("value")
+    if node.target in (F.pad, torch.ops.aten.pad.default):
+        mode = node.kwargs.get("mode", args[2] or "constant")
+        return mode == "constant" and not node.kwargs.get("value", args[3])
+    return False
+
+
 def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     """Classify an FX node into the kinds the placement registry knows."""
+    if _is_zero_pad(node, modules):
+        return "pad"
     if node.op == "call_module":
         mod = modules[node.target]
         if isinstance(mod, nn.Conv2d):
@@ -65,7 +83,8 @@ def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
 
 def _keeps_sign(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """True for ops whose output is non-negative whenever their first input is."""
-    return ((node.op == "call_module" and isinstance(modules[node.target], _MONOTONE_MODULES))
+    return (_is_zero_pad(node, modules)
+            or (node.op == "call_module" and isinstance(modules[node.target], _MONOTONE_MODULES))
             or (node.op == "call_function" and node.target in _MONOTONE_FUNCS)
             or (node.op == "call_method" and node.target in _MONOTONE_METHODS))
 
@@ -120,6 +139,7 @@ PLACEMENT: dict[str, Callable[[fx.Node, Profile, dict[str, nn.Module]], list[int
     "linear": _first_input,
     "avgpool": _first_input,
     "maxpool": _first_input,
+    "pad": _first_input,
     "add": _add_inputs,
     "cat": _cat_inputs,
 }
@@ -234,9 +254,11 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
     def quantized(src: fx.Node, bits: int) -> fx.Node:
         if src.name in quantized_of:
             return quantized_of[src.name]
-        if op_kind(src, modules) == "maxpool" and isinstance(src.args[0], fx.Node):
-            # MaxPool commutes with Q/DQ: its output reuses its input's scale (tied). Its input
-            # may already read a quantizer (the pool's own input rule ran first).
+        if op_kind(src, modules) in ("maxpool", "pad") and isinstance(src.args[0], fx.Node):
+            # MaxPool and zero padding commute with Q/DQ (zero points are 0): the output reuses the
+            # input's scale (tied). Without this a ReLU6 -> Pad -> conv chain leaves the conv
+            # before the Pad in float on ONNX Runtime (its Clip is not followed by a Q). The input
+            # may already read a quantizer (the op's own input rule ran first).
             inp = src.args[0]
             already = inp.op == "call_module" and isinstance(modules.get(inp.target), ActQuantizer)
             target = inp.target if already else quantized(inp, bits).target
@@ -252,7 +274,7 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
             return t.target
         if t.name in quantized_of:
             return quantized_of[t.name].target
-        if op_kind(t, modules) == "maxpool" and isinstance(t.args[0], fx.Node):
+        if op_kind(t, modules) in ("maxpool", "pad") and isinstance(t.args[0], fx.Node):
             return existing_quantizer(t.args[0])
         return None
 
