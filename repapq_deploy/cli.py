@@ -59,8 +59,9 @@ def build_options(fn):
                      help="Weight and activation bits; 6 is emulated exactly on INT8 kernels."),
         click.option("--first-last-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
                      help="Bits of the first conv and the classifier."),
-        click.option("--method", type=click.Choice(all_methods()), default="percentile", show_default=True,
-                     help="Calibration method: a range method, or reconstruction (repapq, brecq)."),
+        click.option("--method", type=click.Choice(all_methods()), default="repapq", show_default=True,
+                     help="Calibration method: reconstruction (repapq, brecq) or a range method (minutes vs "
+                          "seconds; percentile is the quickest good one)."),
         click.option("--preset", type=click.Choice(["fast", "default", "thorough"]), default="default",
                      show_default=True, help="Reconstruction effort (repapq, brecq): time vs accuracy."),
         click.option("--adaround/--no-adaround", default=None,

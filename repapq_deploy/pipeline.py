@@ -81,7 +81,7 @@ class BuildOptions:
     eval_count: int | None = None
     bits: int = 8
     first_last_bits: int = 8
-    method: str = "percentile"
+    method: str = "repapq"
     preset: str = "default"
     adaround: bool | None = None  # None: the reconstruction method's own setting
     qdrop: float | None = None

@@ -22,6 +22,19 @@ torch.set_num_threads(1)
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "fashion_mnist"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def short_reconstruction():
+    """``repapq`` is build's default: every preset runs a few iterations per unit in the tests, which
+    exercise the machinery (accuracy at the real presets is the benchmarks' job). Session-scoped and
+    autouse, so it is in place before any module-scoped build fixture runs."""
+    from repapq_deploy.calibrate import reconstruct as R
+
+    with pytest.MonkeyPatch.context() as mp:
+        for preset, iters in (("fast", 5), ("default", 10), ("thorough", 15)):
+            mp.setitem(R.PRESETS, preset, {"iters": iters})
+        yield
+
+
 @pytest.fixture(scope="session")
 def example_dir() -> Path:
     assert (EXAMPLE_DIR / "model.safetensors").is_file()

@@ -222,6 +222,40 @@ def test_relu6_range_past_six_leaves_convs_in_float(tmp_path):
     assert "FusedConv" in info.op_counts
 
 
+class BottleneckNet(nn.Module):
+    """MobileNetV2/EfficientNet-style linear bottleneck: a conv from a ReLU6 tensor to a signed one
+    (no activation), a residual add, and a conv from the signed sum back to ReLU6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.expand = nn.Conv2d(8, 16, 1)
+        self.project = nn.Conv2d(16, 8, 1)
+        self.head = nn.Conv2d(8, 16, 1)
+        self.act = nn.ReLU6()
+        self.fc = nn.Linear(16, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)  # signed
+        x = x + self.project(self.act(self.expand(x)))
+        x = self.act(self.head(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_convs_between_signed_and_unsigned_tensors_fuse_on_onnxruntime(tmp_path):
+    # QLinearConv takes one type in and out: signed activations are uint8 with zero point 128
+    from repapq_deploy.export import check_against_torch
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 8, 8)
+    qm = quantize_model(BottleneckNet().eval(), QuantConfig("onnxruntime", 8, 8))
+    calibrate(qm, x, "minmax", batch_size=16)
+    assert any(q.fmt.signed and q.zero_point == 128 for q in qm.act_quantizers.values())
+    info = _ort_fraction(qm, x, tmp_path)
+    assert info.int8_op_fraction == 1.0, info.op_counts
+    assert check_against_torch(qm, tmp_path / "model.qdq.onnx", x).agreement_top1 == 100.0
+
+
 class PadNet(nn.Module):
     """EfficientNet-Lite style: explicit TF-"same" zero padding before every k>1 conv, ReLU6."""
 

@@ -152,7 +152,7 @@ def test_build_writes_a_complete_report(build_of, profile, bits):
     assert report["reparam"]["max_rel_error"] <= 1e-4
     assert report["reparam"]["load"] == {"format": "safetensors", "arch": "repvgg_nano", "num_classes": 10,
                                          "in_chans": 1, "layout": "timm"}
-    assert report["calibration"]["method"] == "percentile"
+    assert report["calibration"]["method"] == "repapq"
     assert report["calibration"]["images"] == 256
     assert report["calibration"]["seconds"] > 0
     assert report["config"]["profile"] == profile and report["config"]["bits"] == bits
@@ -210,7 +210,7 @@ def test_manifest_records_every_stage(build_of, profile, bits):
     assert set(m["stages"]["engine"]["outputs"]) == {b.report["engine"]["path"]}
     assert set(m["stages"]["verify"]["outputs"]) == REPORTS
     assert m["stages"]["reparam"]["inputs"]["model"] == sha256(MODEL)
-    assert m["stages"]["calibrate"]["options"]["method"] == "percentile"
+    assert m["stages"]["calibrate"]["options"]["method"] == "repapq"
     assert m["stages"]["calibrate"]["options"]["bits"] == bits
     assert m["stages"]["verify"]["result"] == b.report
 

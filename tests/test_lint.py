@@ -553,3 +553,13 @@ def test_lint_command_exit_codes(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == []
     assert runner.invoke(main, ["lint", str(tmp_path / "missing.onnx"), "--target", "tensorrt"]).exit_code == 1
+
+
+def test_signed_tensor_stored_as_uint8_with_zero_point_128() -> None:
+    model = fp16_graph()
+    zp = next(i for i in model.graph.initializer if i.name == "a1_zp")
+    zp.CopyFrom(numpy_helper.from_array(np.asarray(128, np.uint8), "a1_zp"))
+    assert lint_model(model, "onnxruntime") == []  # the ORT profile's signed activations
+    only(model, "tensorrt", "zero-point", "a1_q", "a1_dq")
+    zp.CopyFrom(numpy_helper.from_array(np.asarray(100, np.uint8), "a1_zp"))
+    only(model, "onnxruntime", "zero-point", "a1_q", "a1_dq")  # any other offset is asymmetric

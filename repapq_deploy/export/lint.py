@@ -190,8 +190,14 @@ def _source(ctx: GraphContext, tensor: str) -> str:
 # --- rules: (context, target) -> violations -------------------------------------------------------
 
 
+def _signed_as_uint8(zp: np.ndarray) -> bool:
+    """A per-tensor uint8 zero point of 128: a symmetric signed grid stored as uint8 (ONNX Runtime)."""
+    return zp.dtype == np.uint8 and zp.size == 1 and int(zp.reshape(-1)[0]) == 128
+
+
 def check_zero_points(ctx: GraphContext, target: str) -> list[Violation]:
-    """Zero points must be all-zero constants; TensorRT also cannot quantize to uint8."""
+    """Zero points must be all-zero constants (ONNX Runtime also takes a symmetric signed tensor stored as
+    uint8 with zero point 128); TensorRT also cannot quantize to uint8."""
     out = []
     for node in ctx.nodes_of(*QDQ_OPS):
         zp_name = node.input[2] if len(node.input) > 2 else ""
@@ -200,7 +206,7 @@ def check_zero_points(ctx: GraphContext, target: str) -> list[Violation]:
             out.append(Violation("zero-point", (node.name,),
                                  f"{node.op_type} {node.name} has zero point '{zp_name}', which is not a constant",
                                  "make the zero point an all-zero initializer"))
-        elif zp is not None and np.any(zp != 0):
+        elif zp is not None and np.any(zp != 0) and not (target == "onnxruntime" and _signed_as_uint8(zp)):
             out.append(Violation("zero-point", (node.name,),
                                  f"{node.op_type} {node.name} has non-zero zero point '{zp_name}' "
                                  f"(values {np.unique(zp)[:4].tolist()}); the profile is symmetric",

@@ -45,17 +45,22 @@ class _ActQDQ(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, lo, hi, qmin: int, qmax: int, signed: bool, clip: str):  # noqa: ARG004
+    def forward(ctx, x, scale, lo, hi, qmin: int, qmax: int, signed: bool, clip: str, zero_point: int):  # noqa: ARG004
         return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
 
     @staticmethod
-    def symbolic(g, x, scale, lo, hi, qmin, qmax, signed, clip):
+    def symbolic(g, x, scale, lo, hi, qmin, qmax, signed, clip, zero_point):
         if clip == "float":
             x = g.op("Clip", x, lo, hi)
-        zp = _zero_point(g, signed)
+        if zero_point:
+            # signed grid [qmin, qmax] stored as uint8 [qmin + zp, qmax + zp]: Q/DQ compute the same values
+            zp = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
+            dtype, qmin, qmax = torch.uint8, qmin + zero_point, qmax + zero_point
+        else:
+            zp = _zero_point(g, signed)
+            dtype = torch.int8 if signed else torch.uint8
         q = g.op("QuantizeLinear", x, scale, zp)
         if clip == "integer":
-            dtype = torch.int8 if signed else torch.uint8
             q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
                      g.op("Constant", value_t=torch.tensor(qmax, dtype=dtype)))
         return g.op("DequantizeLinear", q, scale, zp)
@@ -83,13 +88,15 @@ class ActQuantizer(nn.Module):
     """
 
     def __init__(self, fmt: IntFormat, nonnegative: bool, integer_clip: bool = False,
-                 upper: float | None = None) -> None:
+                 upper: float | None = None, zero_point: int = 0) -> None:
         super().__init__()
         self.fmt = fmt
         self.nonnegative = nonnegative
         self.integer_clip = integer_clip
         # a bound the input never exceeds (ReLU6: 6); the range is kept within it, see max_scale
         self.upper = upper
+        # 128: a signed grid stored as uint8 on export (Profile.signed_as_uint8); the values are the same
+        self.zero_point = zero_point
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
         self.mode = "off"
         self.observer = None
@@ -119,7 +126,8 @@ class ActQuantizer(nn.Module):
             lo = self.scale.detach() * self.fmt.qmin
             hi = self.scale.detach() * self.fmt.qmax
             clip = ("integer" if self.integer_clip else "float") if self.fmt.emulated else "none"
-            return _ActQDQ.apply(x, self.scale.detach(), lo, hi, self.fmt.qmin, self.fmt.qmax, self.fmt.signed, clip)
+            return _ActQDQ.apply(x, self.scale.detach(), lo, hi, self.fmt.qmin, self.fmt.qmax, self.fmt.signed, clip,
+                                 self.zero_point)
         q = fake_quant(x, self.scale, self.fmt)
         if self.training and self.drop_prob > 0:
             return torch.where(torch.rand_like(x) < self.drop_prob, x, q)

@@ -246,7 +246,9 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
 
     def new_quantizer(bits: int, nonneg: bool, upper: float | None = None) -> str:
         name = f"act_quant_{len(qm.act_quantizers)}"
-        aq = ActQuantizer(profile.activation_format(bits, nonneg), nonneg, profile.integer_clip, upper)
+        fmt = profile.activation_format(bits, nonneg)
+        aq = ActQuantizer(fmt, nonneg, profile.integer_clip, upper,
+                          zero_point=128 if fmt.signed and profile.signed_as_uint8 else 0)
         gm.add_submodule(name, aq)
         qm.act_quantizers[name] = modules[name] = aq
         return name

@@ -40,6 +40,10 @@ class Profile:
     add_quantizes_both_inputs: bool  # ORT's QLinearAdd wants both; TensorRT only the shortcut
     int32_bias: bool  # ORT fuses Gemm into QGemm only with an int32 bias; TensorRT keeps float biases
     integer_clip: bool  # INT6 range enforced on the integer tensor (ORT) or by a float Clip before Q (TensorRT)
+    # Signed activations stored as uint8 with zero point 128: the same grid as symmetric int8, but
+    # ORT's QLinearConv needs input and output of one type, so a conv from a post-ReLU (uint8) tensor
+    # to a signed one (a linear-bottleneck projection) or back only fuses when both are uint8.
+    signed_as_uint8: bool = False
 
     def weight_format(self, bits: int) -> IntFormat:
         # Both backends: symmetric per-channel, narrow range [-(2^(b-1)-1), 2^(b-1)-1].
@@ -53,7 +57,7 @@ PROFILES: dict[str, Profile] = {
     "tensorrt": Profile("tensorrt", unsigned_nonnegative=False, add_quantizes_both_inputs=False,
                         int32_bias=False, integer_clip=False),
     "onnxruntime": Profile("onnxruntime", unsigned_nonnegative=True, add_quantizes_both_inputs=True,
-                           int32_bias=True, integer_clip=True),
+                           int32_bias=True, integer_clip=True, signed_as_uint8=True),
 }
 
 
