@@ -64,6 +64,17 @@ def test_resolution_units_without_stage_names(calib_x):
                                                                  "resolution_2x2", "resolution_1x1"]
 
 
+def test_explicit_padding_is_not_a_resolution_change():
+    # EfficientNet-Lite pads explicitly (TF "same") before every k>1 conv; a padded map is not a stage.
+    from test_backends import PadNet
+
+    x = torch.randn(4, 1, 16, 16)
+    gm = lift_exported(torch.export.export(PadNet().eval(), (x[:2],)).module())
+    qm = quantize_model(gm, QuantConfig("onnxruntime", 8, 8))
+    names = [u.name for u in R.split_units(qm.module, R.unit_labels(qm.module, "stage", x[:1]))]
+    assert names == ["stem", "resolution_4x4", "resolution_1x1", "head"]  # no 9x9 or 17x17 units
+
+
 @pytest.mark.parametrize("profile", ["tensorrt", "onnxruntime"])
 def test_qprep_fold_is_exact_and_export_matches(fused_example, calib_x, tmp_path, profile):
     gm, _ = fused_example

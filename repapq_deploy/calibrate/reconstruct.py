@@ -36,7 +36,7 @@ from repapq_deploy.calibrate.methods import METHODS, set_ranges
 from repapq_deploy.errors import DeployError
 from repapq_deploy.progress import console, log
 from repapq_deploy.quant.fakequant import ActQuantizer, QuantConv2d, QuantLinear
-from repapq_deploy.quant.placement import QuantizedModel
+from repapq_deploy.quant.placement import QuantizedModel, op_kind
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,13 @@ def _resolution_labels(gm: fx.GraphModule, nodes: list[fx.Node], sample: torch.T
 
     with torch.no_grad():
         ShapeProp(gm).propagate(sample)
+    modules = dict(gm.named_modules())
     labels, current, resolution = {}, "stem", None
     for node in nodes:
+        if op_kind(node, modules) == "pad":
+            # explicit padding (TF "same") only widens the map for the conv that follows: not a stage
+            labels[node.name] = current
+            continue
         meta = node.meta.get("tensor_meta")
         shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else ()
         if len(shape) == 4 and shape[-2:] != resolution:
