@@ -23,6 +23,7 @@ from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_b
 from repapq_deploy.backends.base import paired_speedup
 from repapq_deploy.backends.onnxruntime import OrtRunner
 from repapq_deploy.calibrate import calibrate
+from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION
 from repapq_deploy.data.loader import (
     TENSOR_EXTENSIONS,
     Dataset,
@@ -60,6 +61,9 @@ from repapq_deploy.verify import (
 
 STAGES = ("reparam", "calibrate", "export", "engine", "verify")
 FUSED, QSTATE, FP32_ONNX, QDQ_ONNX = "fused.pt", "qstate.pt", "model.fp32.onnx", "model.qdq.onnx"
+# Below this many calibration images a reconstruction method is warned about (it learns weights and
+# scales from them; the benchmarks use 1024, the bundled example 256)
+FEW_RECONSTRUCTION_IMAGES = 256
 # TensorRT profile: the QDQ graph with FP16 outside the Q/DQ pairs (TensorRT builds strongly typed),
 # and the FP32 model in FP16 for the FP16 reference engine
 QDQ_FP16_ONNX, FP16_ONNX, FP16_PLAN = "model.qdq.fp16.onnx", "model.fp16.onnx", "model.fp16.plan"
@@ -284,7 +288,12 @@ class Build:
                    "seed": o.seed,
                    "device": o.device, "batch_size": o.batch_size}
         inputs = {"fused": self._hash("reparam", FUSED), "calib": self.calib_hash}
-        return self._stage("calibrate", inputs, options, [QSTATE], self._run_calibrate)
+        result = self._stage("calibrate", inputs, options, [QSTATE], self._run_calibrate)
+        if o.method in RECONSTRUCTION and result["images"] < FEW_RECONSTRUCTION_IMAGES:
+            self.warnings.append(f"--method {o.method} trained on only {result['images']} calibration images and "
+                                 f"can over-fit them (EfficientNet-Lite0 with 64: worse than percentile); "
+                                 f"use {FEW_RECONSTRUCTION_IMAGES}+ images or compare with --method percentile")
+        return result
 
     def _recon_overrides(self) -> dict:
         """Reconstruction settings the user changed from the method's own (--adaround, --qdrop)."""

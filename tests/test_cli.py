@@ -316,6 +316,16 @@ def test_stage_subcommands_build_up_the_folder(reparam_dir, tmp_path):
     assert {p.name for p in out.iterdir()} == expected | REPORTS
 
 
+@pytest.mark.parametrize(("count", "warned"), [(64, True), (256, False)])
+def test_reconstruction_on_few_calibration_images_is_warned_about(reparam_dir, tmp_path, count, warned):
+    out = copy_build(reparam_dir, tmp_path / "few")
+    result = cli(*pipeline_args("build", out, "--calib-count", count, "--json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["calibration"]["method"] == "repapq" and report["calibration"]["images"] == count
+    assert any("over-fit" in w for w in report["warnings"]) is warned
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_calibration_method_exports(reparam_dir, tmp_path, method):
     out = copy_build(reparam_dir, tmp_path / method)
