@@ -276,9 +276,10 @@ class PadNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+@pytest.mark.parametrize("bits", [8, 6])
 @pytest.mark.parametrize("form", ["modules", "torch.export"])
 @pytest.mark.parametrize("profile", ["onnxruntime", "tensorrt"])
-def test_zero_padding_shares_its_input_scale_and_every_conv_fuses(form, profile, tmp_path):
+def test_zero_padding_shares_its_input_scale_and_every_conv_fuses(form, profile, bits, tmp_path):
     from repapq_deploy.export import check_against_torch
     from repapq_deploy.load import lift_exported
 
@@ -287,7 +288,7 @@ def test_zero_padding_shares_its_input_scale_and_every_conv_fuses(form, profile,
     model = PadNet().eval()
     if form == "torch.export":
         model = lift_exported(torch.export.export(model, (x[:2],)).module())
-    qm = quantize_model(model, QuantConfig(profile, 8, 8))
+    qm = quantize_model(model, QuantConfig(profile, bits, 8))
     pads = [n for n in qm.module.graph.nodes if "pad" in str(n.target)]
     assert len(pads) == 3
     for pad in pads:
@@ -296,11 +297,18 @@ def test_zero_padding_shares_its_input_scale_and_every_conv_fuses(form, profile,
     calibrate(qm, x, "minmax", batch_size=16)
     if profile == "onnxruntime":
         info = _ort_fraction(qm, x, tmp_path)
-        assert info.int8_op_fraction == 1.0, info.op_counts
+        # at 6 bits ORT keeps ReLU6's float Clip (the Q's int8 range is wider than 6) and fuses
+        # Conv+Clip in float: a known gap of INT6 emulation on ORT for ReLU6 nets
+        assert info.int8_op_fraction == 1.0 or bits == 6, info.op_counts
     else:
         export_qdq(qm, x, tmp_path / "model.qdq.onnx")
+    # the zero pads went into the convs' own padding (exact: the values are already on the grid)
+    graph = onnx.load(str(tmp_path / "model.qdq.onnx")).graph
+    assert not [n for n in graph.node if n.op_type == "Pad"]
+    assert sorted(tuple(a.ints) for n in graph.node if n.op_type == "Conv" for a in n.attribute
+                  if a.name == "pads") == [(0, 0, 0, 0), (0, 0, 1, 1), (0, 0, 1, 1), (1, 1, 1, 1)]
     check = check_against_torch(qm, tmp_path / "model.qdq.onnx", x)
-    assert check.agreement_top1 == 100.0
+    assert check.agreement_top1 == 100.0 and check.max_rel_diff < 1e-5
 
 
 def test_ort_backend_engine_matches_the_quantized_graph(graphs, tmp_path):

@@ -81,10 +81,68 @@ def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
         for consumer in list(out.outputs):
             consumer.inputs[consumer.inputs.index(out)] = const
         node.outputs.clear()
+    _fold_quantized_pads(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
     return out
+
+
+def _same_quantizer(a: gs.Node, b: gs.Node) -> bool:
+    """Two Q/DQ nodes with equal constant scale and zero point."""
+    for x, y in zip(a.inputs[1:3], b.inputs[1:3], strict=False):
+        vx, vy = _constant_value(x), _constant_value(y)
+        if vx is None or vy is None or vx.dtype != vy.dtype or not np.array_equal(vx, vy):
+            return False
+    return len(a.inputs) == len(b.inputs)
+
+
+def _fold_quantized_pads(graph: gs.Graph) -> None:
+    """``DQ -> Pad(0) -> [Clip] -> Q -> [Clip] -> DQ -> Conv`` with one scale on both sides becomes
+    ``DQ -> Conv(pads)``: exact (a zero pad is 0 on any symmetric grid, and the values are already on
+    that grid), and the conv keeps its padding inside the integer kernel instead of a float Pad between
+    a DQ and a Q (EfficientNet-Lite's TF-"same" padding)."""
+    pads = [n for n in graph.nodes if n.op == "Pad"]
+    if any(_constant_value(n.inputs[1]) is None for n in pads):
+        # the exporter computes F.pad's amounts with a small shape subgraph; fold it (never Q/DQ,
+        # which must stay as they are)
+        graph.fold_constants(should_exclude_node=lambda n: n.op in ("QuantizeLinear", "DequantizeLinear"))
+        graph.cleanup()
+        pads = [n for n in graph.nodes if n.op == "Pad"]
+    for pad in pads:
+        src = pad.inputs[0]
+        if len(src.inputs) != 1 or src.inputs[0].op != "DequantizeLinear":
+            continue
+        if pad.attrs.get("mode", "constant") not in ("constant", b"constant") or len(pad.inputs) > 3:
+            continue
+        value = _constant_value(pad.inputs[2]) if len(pad.inputs) > 2 and pad.inputs[2].name else np.zeros(1)
+        amounts = _constant_value(pad.inputs[1])
+        if value is None or np.any(value != 0) or amounts is None or amounts.size != 8:
+            continue
+        amounts = amounts.astype(np.int64).tolist()
+        if any(amounts[i] for i in (0, 1, 4, 5)) or min(amounts) < 0:  # batch/channel, or cropping
+            continue
+        chain, t = [], pad.outputs[0]
+        while len(t.outputs) == 1 and t.outputs[0].op in ("Clip", "QuantizeLinear", "DequantizeLinear"):
+            chain.append(t.outputs[0])
+            t = chain[-1].outputs[0]
+        ops = [n.op for n in chain]
+        if ops.count("QuantizeLinear") != 1 or ops.count("DequantizeLinear") != 1 or ops[-1] != "DequantizeLinear":
+            continue
+        q = chain[ops.index("QuantizeLinear")]
+        if not _same_quantizer(q, src.inputs[0]) or not t.outputs:
+            continue
+        convs = list(t.outputs)
+        if any(c.op != "Conv" or c.inputs[0] is not t or c.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")
+               for c in convs):
+            continue
+        for conv in convs:
+            old = list(conv.attrs.get("pads", [0, 0, 0, 0]))
+            conv.attrs["pads"] = [old[0] + amounts[2], old[1] + amounts[3], old[2] + amounts[6], old[3] + amounts[7]]
+            conv.inputs[0] = src
+        pad.outputs.clear()
+        for node in chain:
+            node.outputs.clear()
 
 
 def export_fp32(model: nn.Module, sample: torch.Tensor, path: str | Path, opset: int = 17) -> None:
