@@ -82,6 +82,7 @@ def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
             consumer.inputs[consumer.inputs.index(out)] = const
         node.outputs.clear()
     _fold_quantized_pads(graph)
+    _drop_clips_the_grid_implies(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
@@ -143,6 +144,34 @@ def _fold_quantized_pads(graph: gs.Graph) -> None:
         pad.outputs.clear()
         for node in chain:
             node.outputs.clear()
+
+
+def _drop_clips_the_grid_implies(graph: gs.Graph) -> None:
+    """``Clip(0, hi) -> Q(s, uint8 zp 0) -> Clip(0, n) -> DQ`` with ``n * s <= hi`` becomes
+    ``Q -> Clip(0, n) -> DQ``: exact (below 0 and above ``hi`` both saturate to the same integers), and
+    without the float Clip ONNX Runtime fuses the conv before it into QLinearConv (a ReLU6 before a
+    6-bit activation grid, whose int8 Q range alone is wider than 6, kept Conv + Clip in float)."""
+    for clip in [n for n in graph.nodes if n.op == "Clip" and n.outputs]:  # (some left by the pad fold)
+        out = clip.outputs[0]
+        if len(clip.inputs) != 3 or len(out.outputs) != 1 or out.outputs[0].op != "QuantizeLinear":
+            continue
+        q = out.outputs[0]
+        lo, hi = _constant_value(clip.inputs[1]), _constant_value(clip.inputs[2])
+        scale, zp = (_constant_value(t) for t in q.inputs[1:3]) if len(q.inputs) == 3 else (None, None)
+        if lo is None or hi is None or scale is None or zp is None or zp.dtype != np.uint8 or np.any(zp != 0):
+            continue
+        if float(lo) != 0.0 or scale.size != 1 or len(q.outputs[0].outputs) != 1:
+            continue
+        int_clip = q.outputs[0].outputs[0]
+        if int_clip.op != "Clip" or len(int_clip.inputs) != 3:
+            continue
+        n_lo, n_hi = _constant_value(int_clip.inputs[1]), _constant_value(int_clip.inputs[2])
+        if n_lo is None or n_hi is None or int(n_lo) != 0:
+            continue
+        if np.float32(int(n_hi)) * np.float32(scale.reshape(-1)[0]) > np.float32(hi):
+            continue
+        q.inputs[0] = clip.inputs[0]
+        clip.outputs.clear()
 
 
 def export_fp32(model: nn.Module, sample: torch.Tensor, path: str | Path, opset: int = 17) -> None:
