@@ -89,24 +89,27 @@ def _keeps_sign(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
             or (node.op == "call_method" and node.target in _MONOTONE_METHODS))
 
 
-def is_nonnegative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """True when the tensor is provably >= 0 (a ReLU output, possibly through pools/reshapes)."""
+def _relu_source(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The ReLU (or ReLU6) whose output ``node`` is, through ops that keep sign and bound (pools,
+    reshapes, zero padding, quantizers); None when there is none."""
     while op_kind(node, modules) != "relu":
         if not (_keeps_sign(node, modules) and node.args and isinstance(node.args[0], fx.Node)):
-            return False
+            return None
         node = node.args[0]
-    return True
+    return node
+
+
+def is_nonnegative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """True when the tensor is provably >= 0 (a ReLU output, possibly through pools/reshapes)."""
+    return _relu_source(node, modules) is not None
 
 
 def upper_bound(node: fx.Node, modules: dict[str, nn.Module]) -> float | None:
     """6 for a ReLU6 output (possibly through pools/reshapes), else None: the quantizer's range must
     not exceed it, or ONNX Runtime keeps the Clip and cannot fuse the conv into an integer kernel."""
-    while op_kind(node, modules) != "relu":
-        if not (_keeps_sign(node, modules) and node.args and isinstance(node.args[0], fx.Node)):
-            return None
-        node = node.args[0]
-    relu6 = ((node.op == "call_module" and isinstance(modules[node.target], nn.ReLU6))
-             or (node.op == "call_function" and node.target is F.relu6))
+    relu = _relu_source(node, modules)
+    relu6 = relu is not None and ((relu.op == "call_module" and isinstance(modules[relu.target], nn.ReLU6))
+                                  or (relu.op == "call_function" and relu.target is F.relu6))
     return 6.0 if relu6 else None
 
 
