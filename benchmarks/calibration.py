@@ -3,7 +3,8 @@
     python benchmarks/calibration.py [--models repvgg_a0:15,mobileone_s0:4] [--calib-count 1024]
         [--methods minmax,percentile,entropy,mse,mae,init,brecq,repapq] [--presets fast,default]
         [--brecq-presets default] [--settings W8A8:onnxruntime,...] [--ablations/--no-ablations]
-        [--modelopt-python /path/to/venv/bin/python] [--merge] [--out benchmarks/results/calibration]
+        [--modelopt-python /path/to/venv/bin/python] [--device cpu|cuda] [--merge]
+        [--out benchmarks/results/calibration]
 
 Reference models: timm ``repvgg_a0`` and ``mobileone_s0`` (10 classes, 32x32 grey input) trained on
 Fashion-MNIST by ``examples/fashion_mnist/train.py`` for the given epochs, trained when missing and
@@ -184,6 +185,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="builds side by side (each then single-threaded; calibration times grow accordingly)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where calibration runs")
     ap.add_argument("--merge", action="store_true",
                     help="replace only the rows run now in an existing <arch>.json, keep the others")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration"))
@@ -196,7 +198,7 @@ def main() -> None:
         model = ensure_model(arch, int(epochs)) / "model.safetensors"
         work = CACHE / "calibration" / f"{arch}-e{epochs}"
         common = {"model": str(model), "calib": str(calib), "calib_count": None, "eval": str(test),
-                  "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed,
+                  "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed, "device": args.device,
                   "threads": 1 if args.jobs > 1 else None}
         todo = plan(args.methods.split(","), args.presets.split(","), args.brecq_presets.split(","), settings)
         specs = []
@@ -215,7 +217,7 @@ def main() -> None:
                                    "profile": profile, "bits": bits, "first_last_bits": fl}, change))
         console.print(f"{arch}: {len(specs)} builds, {args.jobs} at a time")
         measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        rows = [{**row, **r} for row, r in zip(todo, run_builds(specs, args.jobs), strict=True)]
+        rows = [{**row, **r, "device": args.device} for row, r in zip(todo, run_builds(specs, args.jobs), strict=True)]
         fp32 = rows[0]["fp32"]
         if args.peers:
             rows += peer_rows(arch, fp32, next(work.glob("*/model.fp32.onnx")), calib, test, work,

@@ -7,8 +7,11 @@ Reconstruction methods (``repapq``, ``brecq``) register into the same table.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -180,6 +183,33 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@contextlib.contextmanager
+def calibration_numerics(device: str) -> Iterator[None]:
+    """On CUDA: IEEE FP32 and deterministic kernels for the duration, the previous settings restored after.
+
+    TF32 (PyTorch's default for cuDNN convs) rounds products to a 10-bit mantissa, ~1e-3 relative
+    error in the FP32 targets -- as large as the 8-bit quantization error being minimised; cuDNN's
+    autotuned and atomics-based kernels would make ``--seed`` meaningless on a GPU.
+    """
+    if device != "cuda":
+        yield
+        return
+    # cuBLAS is only deterministic with a fixed workspace; it must be set before its first handle
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    cudnn.deterministic, cudnn.benchmark = True, False
+    # warn_only: an op without a deterministic CUDA kernel warns instead of stopping the build
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+
+
 def set_ranges(qm: QuantizedModel, data: torch.Tensor, act: RangeMethod, weight: RangeMethod,
                batch_size: int = 32, device: str = "cpu") -> None:
     """Set every scale from calibration statistics: activations with ``act``, weights with ``weight``.
@@ -225,11 +255,12 @@ def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: i
     if overrides and method not in RECONSTRUCTION:
         raise DeployError(f"--{next(iter(overrides))} applies to reconstruction methods "
                           f"({', '.join(RECONSTRUCTION)}), not --method {method}")
-    if method in METHODS:
-        set_ranges(qm, data, METHODS[method], METHODS[method], batch_size, device)
-    else:
-        details = reconstruct(qm, data, replace(RECONSTRUCTION[method], **(overrides or {})), preset, batch_size,
-                              device, seed)
+    with calibration_numerics(device):
+        if method in METHODS:
+            set_ranges(qm, data, METHODS[method], METHODS[method], batch_size, device)
+        else:
+            details = reconstruct(qm, data, replace(RECONSTRUCTION[method], **(overrides or {})), preset,
+                                  batch_size, device, seed)
     qm.module.cpu()
     qm.set_mode("quant")
     # the process's high-water mark so far (loading, fusing and calibrating; not yet exporting)
