@@ -191,3 +191,20 @@ def test_dead_channels_get_scale_one(fused_example, calib_x):
     calibrate(qm, calib_x[:32], "minmax")
     assert layer.weight_quantizer.scale[0] == 1.0 and layer.weight_quantizer.scale[1] == 1.0
     assert layer.weight_quantizer.scale[2] < 1.0
+
+
+def test_histogram_in_exact_chunks_equals_one_histc(monkeypatch) -> None:
+    """The observer splits a tensor into chunks whose float32 counts stay exact (deterministic on CUDA)."""
+    from repapq_deploy.calibrate import observer as O
+
+    x = torch.randn(4, 3, 17, 19, generator=torch.Generator().manual_seed(0))
+    whole = O.HistogramObserver()
+    whole.update(x)
+    whole.collect_histogram = True
+    whole.update(x)
+    monkeypatch.setattr(O, "_EXACT_COUNTS", 101)
+    chunked = O.HistogramObserver()
+    chunked.update(x)
+    chunked.collect_histogram = True
+    chunked.update(x)
+    assert torch.equal(whole.hist, chunked.hist) and whole.hist.sum() == x.numel() - whole.zeros

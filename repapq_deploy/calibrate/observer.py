@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 BINS = 2048
+# float32 holds every whole number up to 2**24 exactly: a histogram of at most that many values has
+# exact counts whatever order CUDA's atomic adds run in, so it is deterministic.
+_EXACT_COUNTS = 2**24
+
+
+def _histc(x: torch.Tensor, amax: float) -> torch.Tensor:
+    """``torch.histc`` of at most ``_EXACT_COUNTS`` values on ``[0, amax]``: exact, hence deterministic."""
+    with warnings.catch_warnings():
+        # under torch.use_deterministic_algorithms CUDA's histc warns that its float atomics are
+        # unordered; with whole-number counts below 2**24 the order cannot change the result
+        warnings.filterwarnings("ignore", message="_histc_cuda")
+        return torch.histc(x, BINS, 0.0, amax)
 
 
 class HistogramObserver:
@@ -30,7 +44,8 @@ class HistogramObserver:
         nonzero = a[a > 0]
         self.zeros += a.numel() - nonzero.numel()
         if self.amax > 0 and nonzero.numel():
-            self.hist += torch.histc(nonzero, BINS, 0.0, self.amax).double().cpu()
+            for chunk in nonzero.split(_EXACT_COUNTS):
+                self.hist += _histc(chunk, self.amax).double().cpu()
 
     def bin_centers(self) -> torch.Tensor:
         width = self.amax / BINS
