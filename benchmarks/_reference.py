@@ -46,3 +46,17 @@ def ensure_calib_set(count: int, seed: int) -> Path:
         CACHE.mkdir(parents=True, exist_ok=True)
         np.savez(path, x=fm.to_model_input(x[idx]))
     return path
+
+
+def ensure_holdout_set(count: int, calib_count: int, seed: int) -> Path:
+    """``count`` labelled training images disjoint from ``ensure_calib_set(calib_count, seed)``: a
+    validation set for choosing recipes without looking at the test set."""
+    path = CACHE / f"holdout{count}_c{calib_count}_s{seed}.npz"
+    if not path.exists():
+        x, y = fm.load_raw("train")
+        calib_idx = np.random.default_rng(seed).choice(len(x), calib_count, replace=False)
+        rest = np.setdiff1d(np.arange(len(x)), calib_idx)
+        idx = np.random.default_rng(seed + 1).choice(rest, count, replace=False)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        np.savez(path, x=fm.to_model_input(x[idx]), y=y[idx])
+    return path

@@ -77,6 +77,7 @@ def _build(kwargs: dict, recipe: dict | None) -> dict:
     acc, cal = r["accuracy"], r["calibration"]
     return {"fp32": acc["fp32"]["top1"], "top1": acc["engine"]["top1"], "fake_quant": acc["fake_quant"]["top1"],
             "agreement": acc["agreement_top1"], "cosine": acc["cosine"], "calib_seconds": cal["seconds"],
+            "lost": acc["drop"]["lost"], "gained": acc["drop"]["gained"], "drop_se_pp": acc["drop"]["drop_se_pp"],
             "peak_memory_mib": cal["details"].get("peak_memory_mib"), "engine": r["engine"]["backend"],
             "int8_op_fraction": r["engine"]["int8_op_fraction"],
             "export_agreement": r["export"]["check"]["agreement_top1"],

@@ -1,13 +1,15 @@
 """Screen calibration recipes quickly: fake-quant top-1 on the full Fashion-MNIST test set, no export.
 
     python benchmarks/recipe_screen.py BUILD_DIR --profile tensorrt --bits 8 --method repapq --preset fast \
-        [--recipe '{"adaround": true}'] [--split]
+        [--recipe '{"adaround": true}'] [--split] [--holdout 10000]
 
 ``BUILD_DIR`` is a build folder of ``benchmarks/calibration.py`` (its ``fused.pt`` is used), e.g.
 ``~/.cache/repapq-deploy/fmnist/calibration/repvgg_a0-e15/minmax---tensorrt-w8-fl8``. ``--recipe``
 changes fields of the reconstruction settings (``ReconSettings``). ``--split`` additionally reports
 the accuracy with only the weights and with only the activations quantized. The fake-quant top-1
 equals the engine's in the benchmark's builds, so this ranks recipes without building engines.
+``--holdout N`` measures on N labelled training images outside the calibration set instead of the
+test set, so that choosing a recipe does not tune it to the test images.
 Prints one JSON line.
 """
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _reference import ensure_calib_set, ensure_test_set
+from _reference import ensure_calib_set, ensure_holdout_set, ensure_test_set
 
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
@@ -45,10 +47,11 @@ def main() -> None:
     ap.add_argument("--recipe", default="{}", help="JSON object of ReconSettings fields")
     ap.add_argument("--split", action="store_true")
     ap.add_argument("--calib-count", type=int, default=1024)
+    ap.add_argument("--holdout", type=int, default=0, help="evaluate on this many held-out training images")
     args = ap.parse_args()
     fused = torch.load(args.build / "fused.pt", weights_only=False).eval()  # our own artifact
     calib = torch.from_numpy(np.load(ensure_calib_set(args.calib_count, 0))["x"])
-    test = np.load(ensure_test_set())
+    test = np.load(ensure_holdout_set(args.holdout, args.calib_count, 0) if args.holdout else ensure_test_set())
     x, y = torch.from_numpy(test["x"]), test["y"]
     method, recipe = args.method, json.loads(args.recipe)
     if recipe:
@@ -58,7 +61,9 @@ def main() -> None:
     t0 = time.perf_counter()
     calibrate(qm, calib, method, preset=args.preset)
     result = {"build": str(args.build), "profile": args.profile, "bits": args.bits, "method": args.method,
-              "preset": args.preset, "recipe": recipe, "calib_seconds": round(time.perf_counter() - t0, 1),
+              "preset": args.preset, "recipe": recipe,
+              "eval": f"holdout{args.holdout}" if args.holdout else "test10k",
+              "calib_seconds": round(time.perf_counter() - t0, 1),
               "fp32": top1(fused, x, y), "top1": top1(qm.module, x, y)}
     if args.split:
         for q in qm.act_quantizers.values():

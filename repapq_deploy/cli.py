@@ -134,6 +134,10 @@ def _summary(report: dict, out: str) -> None:
 
     table.add_row("top-1 FP32 / fake-quant / engine",
                   f"{pct(acc['fp32']['top1'])} / {pct(acc['fake_quant']['top1'])} / {pct(acc['engine']['top1'])}")
+    if acc.get("drop"):
+        d = acc["drop"]
+        table.add_row("drop vs FP32 (paired, ± std. error)",
+                      f"{d['drop_pp']:+.2f} ± {d['drop_se_pp']:.2f} pp ({d['lost']} lost, {d['gained']} gained)")
     table.add_row("agreement with FP32, cosine", f"{acc['agreement_top1']:.2f} %, {acc['cosine']:.5f}")
     table.add_row("engine", f"{report['engine']['backend']}, int8 ops {report['engine']['int8_op_fraction']:.0%}")
     for bs in ("bs1", "bs32"):

@@ -148,6 +148,10 @@ def test_build_writes_a_complete_report(build_of, profile, bits):
     assert acc["samples"] == 200 and acc["labelled"] is True
     assert acc["engine"]["top1"] >= acc["fp32"]["top1"] - 3  # quantization keeps the accuracy
     assert acc["agreement_top1"] >= 90 and acc["cosine"] > 0.95
+    # the paired drop is the top-1 difference, counted image by image
+    assert acc["drop"]["drop_pp"] == pytest.approx(acc["fp32"]["top1"] - acc["engine"]["top1"], abs=1e-9)
+    assert acc["drop"]["lost"] + acc["drop"]["gained"] <= round((100 - acc["agreement_top1"]) / 100 * 200)
+    assert "images lost" in (b.out / "report.md").read_text()
     assert report["export"]["check"]["agreement_top1"] == 100
     assert report["reparam"]["max_rel_error"] <= 1e-4
     assert report["reparam"]["load"] == {"format": "safetensors", "arch": "repvgg_nano", "num_classes": 10,

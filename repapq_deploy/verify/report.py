@@ -21,9 +21,22 @@ def _top1(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
     return None if labels is None else float((logits.argmax(1) == labels).mean() * 100)
 
 
+def paired_drop(fp32: np.ndarray, engine: np.ndarray, labels: np.ndarray) -> dict:
+    """The engine's top-1 drop against FP32 on the same images, with its standard error.
+
+    The drop is (lost - gained) / n, where ``lost`` images FP32 got right and the engine got wrong and
+    ``gained`` the reverse; only those images carry information, so the paired standard error
+    sqrt(lost + gained - (lost - gained)^2 / n) / n says which drops are distinguishable from zero.
+    """
+    right_fp32, right_engine = fp32.argmax(1) == labels, engine.argmax(1) == labels
+    lost, gained, n = int((right_fp32 & ~right_engine).sum()), int((~right_fp32 & right_engine).sum()), len(labels)
+    se = np.sqrt(max(lost + gained - (lost - gained) ** 2 / n, 0.0)) / n
+    return {"lost": lost, "gained": gained, "drop_pp": (lost - gained) / n * 100, "drop_se_pp": float(se * 100)}
+
+
 def accuracy_metrics(fp32: np.ndarray, fake_quant: np.ndarray, engine: np.ndarray,
                      labels: np.ndarray | None) -> dict:
-    """Top-1 of the three models, engine-vs-FP32 top-1 agreement and mean logit cosine."""
+    """Top-1 of the three models, the engine's paired drop, engine-vs-FP32 agreement and mean logit cosine."""
     a = fp32.astype(np.float64)
     b = engine.astype(np.float64)
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
@@ -32,6 +45,7 @@ def accuracy_metrics(fp32: np.ndarray, fake_quant: np.ndarray, engine: np.ndarra
         "fake_quant": {"top1": _top1(fake_quant, labels),
                        "agreement_top1": float((fp32.argmax(1) == fake_quant.argmax(1)).mean() * 100)},
         "engine": {"top1": _top1(engine, labels)},
+        "drop": None if labels is None else paired_drop(fp32, engine, labels),
         "agreement_top1": float((fp32.argmax(1) == engine.argmax(1)).mean() * 100),
         "fake_quant_engine_agreement_top1": float((fake_quant.argmax(1) == engine.argmax(1)).mean() * 100),
         "cosine": float(cos.mean()),
@@ -67,6 +81,9 @@ def render_markdown(report: dict) -> str:
         f"| fake-quant PyTorch | {_fmt(acc['fake_quant']['top1'])} |",
         f"| engine ({eng['backend']}) | {_fmt(acc['engine']['top1'])} |",
         "",
+        *([f"Engine vs FP32 on the same images: {acc['drop']['drop_pp']:+.2f} pp drop "
+           f"(± {acc['drop']['drop_se_pp']:.2f} pp standard error; {acc['drop']['lost']} images lost, "
+           f"{acc['drop']['gained']} gained).", ""] if acc.get("drop") else []),
         f"Top-1 agreement engine vs FP32: **{_fmt(acc['agreement_top1'])} %**; mean logit cosine "
         f"{acc['cosine']:.5f} (min {acc['cosine_min']:.5f}).",
         "",
