@@ -41,6 +41,12 @@ def test_profiles_weight_and_activation_formats() -> None:
     assert PROFILES["onnxruntime"].activation_format(8, nonnegative=True) == IntFormat(8, False)
     assert PROFILES["onnxruntime"].activation_format(6, nonnegative=True) == IntFormat(6, False)
     assert PROFILES["tensorrt"].activation_format(8, nonnegative=True) == IntFormat(8, True)
+    # TensorRT has no uint8, but [0, 63] fits int8: a 6-bit post-ReLU tensor keeps all 6 bits
+    six = PROFILES["tensorrt"].activation_format(6, nonnegative=True)
+    assert six == IntFormat(6, False, int8_storage=True) and (six.qmin, six.qmax) == (0, 63) and six.storage_signed
+    assert PROFILES["tensorrt"].activation_format(6, nonnegative=False) == IntFormat(6, True)
+    with pytest.raises(ValueError):
+        IntFormat(8, False, int8_storage=True)  # [0, 255] does not fit int8
 
 
 # ------------------------------------------------------------------------------------ fake_quant vs ONNX Runtime
@@ -94,12 +100,14 @@ def _values(scale: float, fmt: IntFormat) -> np.ndarray:
     # Clip to [qmin * s, qmax * s] before Q, ONNX Runtime profile with a Clip of the integers between Q and DQ
     (IntFormat(6, True), "float"), (IntFormat(6, False), "float"),
     (IntFormat(6, True), "integer"), (IntFormat(6, False), "integer"),
-], ids=["int8", "uint8", "int6-float-clip", "uint6-float-clip", "int6-integer-clip", "uint6-integer-clip"])
+    (IntFormat(6, False, int8_storage=True), "float"),  # TensorRT's post-ReLU 6-bit: [0, 63] stored as int8
+], ids=["int8", "uint8", "int6-float-clip", "uint6-float-clip", "int6-integer-clip", "uint6-integer-clip",
+        "uint6-in-int8-float-clip"])
 def test_fake_quant_bit_exact_with_onnxruntime(fmt: IntFormat, clip: str | None, scale: float, ort_session) -> None:
     x = _values(scale, fmt)
     s = np.float32(scale)
     if clip == "float":
-        model = _qdq_model(fmt.signed, np.array(s), (float(s * fmt.qmin), float(s * fmt.qmax)))
+        model = _qdq_model(fmt.storage_signed, np.array(s), (float(s * fmt.qmin), float(s * fmt.qmax)))
     elif clip == "integer":
         model = _qdq_model(fmt.signed, np.array(s), (fmt.qmin, fmt.qmax), integer_clip=True)
     else:
@@ -215,6 +223,10 @@ def test_onnxruntime_profile_signedness(example_qms) -> None:
 def test_tensorrt_profile_is_all_signed(example_qms) -> None:
     qm = example_qms[("tensorrt", 8)]
     assert {q.fmt for q in qm.act_quantizers.values()} == {IntFormat(8, True)}
+    # at 6 bits the post-ReLU tensors use [0, 63], still stored (and exported) as int8
+    six = example_qms[("tensorrt", 6)]
+    assert {q.fmt for q in six.act_quantizers.values() if q.fmt.bits == 6} == {IntFormat(6, False, int8_storage=True)}
+    assert all(q.fmt.storage_signed for q in six.act_quantizers.values())
     assert all(layer.input_quantizer is None for layer in qm.weight_layers.values())  # float biases
     assert not any(q.integer_clip for q in qm.act_quantizers.values())  # INT6 clips in float, before Q
 

@@ -54,6 +54,8 @@ def _constant_value(t: gs.Tensor) -> np.ndarray | None:
         return _values(t.values)
     if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
         return _values(t.inputs[0].attrs["value"].values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Identity":  # a de-duplicated initializer
+        return _constant_value(t.inputs[0].inputs[0])
     return None
 
 

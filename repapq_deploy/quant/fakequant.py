@@ -45,11 +45,11 @@ class _ActQDQ(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, lo, hi, qmin: int, qmax: int, signed: bool, clip: str, zero_point: int):  # noqa: ARG004
+    def forward(ctx, x, scale, lo, hi, qmin: int, qmax: int, storage_signed: bool, clip: str, zero_point: int):  # noqa: ARG004
         return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
 
     @staticmethod
-    def symbolic(g, x, scale, lo, hi, qmin, qmax, signed, clip, zero_point):
+    def symbolic(g, x, scale, lo, hi, qmin, qmax, storage_signed, clip, zero_point):
         if clip == "float":
             x = g.op("Clip", x, lo, hi)
         if zero_point:
@@ -57,8 +57,8 @@ class _ActQDQ(torch.autograd.Function):
             zp = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
             dtype, qmin, qmax = torch.uint8, qmin + zero_point, qmax + zero_point
         else:
-            zp = _zero_point(g, signed)
-            dtype = torch.int8 if signed else torch.uint8
+            zp = _zero_point(g, storage_signed)
+            dtype = torch.int8 if storage_signed else torch.uint8
         q = g.op("QuantizeLinear", x, scale, zp)
         if clip == "integer":
             q = g.op("Clip", q, g.op("Constant", value_t=torch.tensor(qmin, dtype=dtype)),
@@ -126,8 +126,8 @@ class ActQuantizer(nn.Module):
             lo = self.scale.detach() * self.fmt.qmin
             hi = self.scale.detach() * self.fmt.qmax
             clip = ("integer" if self.integer_clip else "float") if self.fmt.emulated else "none"
-            return _ActQDQ.apply(x, self.scale.detach(), lo, hi, self.fmt.qmin, self.fmt.qmax, self.fmt.signed, clip,
-                                 self.zero_point)
+            return _ActQDQ.apply(x, self.scale.detach(), lo, hi, self.fmt.qmin, self.fmt.qmax,
+                                 self.fmt.storage_signed, clip, self.zero_point)
         q = fake_quant(x, self.scale, self.fmt)
         if self.training and self.drop_prob > 0:
             return torch.where(torch.rand_like(x) < self.drop_prob, x, q)

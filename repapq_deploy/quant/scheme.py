@@ -14,6 +14,19 @@ class IntFormat:
     bits: int
     signed: bool
     narrow: bool = False
+    # an unsigned grid narrower than 8 bits kept in int8 storage, [0, 2^bits - 1] within [-128, 127]:
+    # TensorRT has no uint8, but a 6-bit post-ReLU tensor still gets all 64 levels (DESIGN.md's
+    # Clip(x, 0, 63 s) before an int8 QuantizeLinear)
+    int8_storage: bool = False
+
+    def __post_init__(self) -> None:
+        if self.int8_storage and (self.signed or self.bits >= 8):
+            raise ValueError("int8 storage of an unsigned grid needs fewer than 8 bits")
+
+    @property
+    def storage_signed(self) -> bool:
+        """Whether the exported Q/DQ type is int8 (else uint8)."""
+        return self.signed or self.int8_storage
 
     @property
     def qmin(self) -> int:
@@ -44,18 +57,25 @@ class Profile:
     # ORT's QLinearConv needs input and output of one type, so a conv from a post-ReLU (uint8) tensor
     # to a signed one (a linear-bottleneck projection) or back only fuses when both are uint8.
     signed_as_uint8: bool = False
+    # Non-negative tensors below 8 bits use the unsigned grid inside int8 storage (see IntFormat); at
+    # 8 bits [0, 255] does not fit int8, so TensorRT's post-ReLU tensors keep 7 of their 8 bits.
+    unsigned_in_int8: bool = False
 
     def weight_format(self, bits: int) -> IntFormat:
         # Both backends: symmetric per-channel, narrow range [-(2^(b-1)-1), 2^(b-1)-1].
         return IntFormat(bits, signed=True, narrow=True)
 
     def activation_format(self, bits: int, nonnegative: bool) -> IntFormat:
-        return IntFormat(bits, signed=not (self.unsigned_nonnegative and nonnegative))
+        if nonnegative and self.unsigned_nonnegative:
+            return IntFormat(bits, signed=False)
+        if nonnegative and self.unsigned_in_int8 and bits < 8:
+            return IntFormat(bits, signed=False, int8_storage=True)
+        return IntFormat(bits, signed=True)
 
 
 PROFILES: dict[str, Profile] = {
     "tensorrt": Profile("tensorrt", unsigned_nonnegative=False, add_quantizes_both_inputs=False,
-                        int32_bias=False, integer_clip=False),
+                        int32_bias=False, integer_clip=False, unsigned_in_int8=True),
     "onnxruntime": Profile("onnxruntime", unsigned_nonnegative=True, add_quantizes_both_inputs=True,
                            int32_bias=True, integer_clip=True, signed_as_uint8=True),
 }
