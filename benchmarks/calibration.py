@@ -26,7 +26,10 @@ graph in FP16) and with ``--high_precision_dtype fp32``; both peers' graphs run 
 Writes ``<arch>.json``, ``<arch>.md`` and ``<arch>.png`` per model to ``--out`` and prints tables.
 Re-running resumes: finished builds are reused through their manifests (a changed package re-runs
 them). ``--merge`` re-measures only the selected rows and keeps the other rows of an existing
-``<arch>.json``; every row records when it was measured (``measured_at``).
+``<arch>.json``; every row records when it was measured (``measured_at``). ``--report-only``
+rewrites the tables and charts from the JSON. "± s.e." is the paired standard error of the drop
+(from the images each engine lost and gained against FP32; rows measured before it was recorded
+show "-").
 """
 
 from __future__ import annotations
@@ -190,7 +193,16 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="replace only the rows run now in an existing <arch>.json, keep the others")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite <arch>.md and <arch>.png from an existing <arch>.json, measure nothing")
     args = ap.parse_args()
+    if args.report_only:
+        for spec in args.models.split(","):
+            payload = json.loads((args.out / f"{spec.split(':')[0]}.json").read_text())
+            args.calib_count, args.seed, args.jobs = payload["calib_images"], payload["seed"], payload["jobs"]
+            report(payload["arch"], payload["epochs"], payload["fp32"], payload["rows"], args,
+                   payload["hardware"], payload["versions"])
+        return
     calib, test = ensure_calib_set(args.calib_count, args.seed), ensure_test_set()
     settings = [s for s in SETTINGS if f"{s[0]}:{s[1]}" in args.settings.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -238,23 +250,25 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return merged + [r for r in new if key(r) in fresh]
 
 
-def report(arch: str, epochs: int, fp32: float, rows: list[dict], args: argparse.Namespace) -> None:
+def report(arch: str, epochs: int, fp32: float, rows: list[dict], args: argparse.Namespace,
+           machine: dict | None = None, libraries: dict | None = None) -> None:
     """Print the table and write ``<arch>.json``, ``<arch>.md`` and ``<arch>.png``."""
     table = Table(title=f"{arch} ({epochs} epochs): Fashion-MNIST test top-1, 10 000 images, FP32 {fp32:.2f} %")
-    cols = ("method", "preset", "setting", "profile", "top-1 %", "drop pp", "calib s", "peak MiB")
+    cols = ("method", "preset", "setting", "profile", "top-1 %", "drop pp", "± s.e.", "calib s", "peak MiB")
     for col in cols:
         table.add_column(col, justify="right")
     md = [f"FP32: {fp32:.2f} %", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for r in rows:
         mem = f"{r['peak_memory_mib']:.0f}" if r.get("peak_memory_mib") else "-"
+        se = f"{r['drop_se_pp']:.2f}" if r.get("drop_se_pp") is not None else "-"
         cells = (r["method"], r["preset"], r["setting"], r["profile"], f"{r['top1']:.2f}", f"{fp32 - r['top1']:+.2f}",
-                 f"{r['calib_seconds']:.1f}", mem)
+                 se, f"{r['calib_seconds']:.1f}", mem)
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     Console().print(table)
     payload = {"arch": arch, "epochs": epochs, "calib_images": args.calib_count, "eval_images": 10000,
                "seed": args.seed, "jobs": args.jobs, "threads_per_build": 1 if args.jobs > 1 else "all",
-               "fp32": fp32, "rows": rows, "hardware": hardware(), "versions": versions()}
+               "fp32": fp32, "rows": rows, "hardware": machine or hardware(), "versions": libraries or versions()}
     (args.out / f"{arch}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (args.out / f"{arch}.md").write_text("\n".join(md) + "\n")
     _chart(rows, fp32, arch, args.out / f"{arch}.png")
