@@ -218,3 +218,47 @@ def test_graph_level_branch_merging_on_mobileone_export_archive(tmp_path: Path, 
     assert report.branches_merged > 0
     _check_exact(model, gm, report, _x(seed=5))  # asserts no BatchNorm is left
     assert report.convs_after == 15  # as with MobileOne's own reparameterize()
+
+
+class _SameConv(nn.Conv2d):
+    """TF-"same" padding as in the efficientnet-lite package: a Conv2d subclass with its own forward."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.static_padding = nn.ZeroPad2d((0, 1, 0, 1) if self.stride[0] == 2 else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class _SamePadNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = _SameConv(1, 8, 3, stride=2, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.bn2 = _SameConv(8, 8, 3, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Parameter(torch.randn(10, 8))  # a functional classifier: F.linear on a parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.bn(self.stem(x)))
+        x = x + F.relu6(self.bn2(self.dw(x)))
+        return F.linear(x.mean((2, 3)), self.head)
+
+
+def test_conv_subclass_with_its_own_forward_is_lifted_to_modules() -> None:
+    from conftest import randomize_bn
+
+    from repapq_deploy.quant.placement import quantize_model
+    from repapq_deploy.quant.scheme import QuantConfig
+
+    torch.manual_seed(0)
+    model = randomize_bn(_SamePadNet())
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    gm, report = fuse_model(model, x)
+    # torch.fx traces into the subclass's forward; the bare F.conv2d / F.linear calls become modules
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (F.conv2d, F.linear)]
+    layers = {n: type(m) for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert layers == {"stem_lifted": nn.Conv2d, "dw_lifted": nn.Conv2d, "lifted_2": nn.Linear}
+    assert report.bn_folded == 2 and report.bn_remaining == 0 and report.max_rel_error <= MAX_REL_ERROR
+    assert report.params_after < report.params_before  # no second copy of the lifted weights is kept
+    assert len(quantize_model(gm, QuantConfig("onnxruntime")).weight_layers) == 3  # all quantized

@@ -107,10 +107,81 @@ class _Tracer(fx.Tracer):
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` trace with BatchNorm subclasses as leaves."""
+    """``torch.fx`` trace with BatchNorm subclasses as leaves; functional convs and linears become modules."""
     if isinstance(model, fx.GraphModule):
         return model
-    return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+    gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
+    lift_functional_layers(gm)
+    return gm
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def lift_functional_layers(gm: fx.GraphModule) -> int:
+    """Turn ``F.conv2d`` / ``F.linear`` calls on the model's own parameters into Conv2d / Linear modules.
+
+    A ``nn.Conv2d`` subclass with its own ``forward`` (TF-"same" padding layers such as
+    ``Conv2dStaticSamePadding``) is traced into, leaving a bare ``F.conv2d``: BatchNorm folding,
+    quantizer placement and the linter all work on modules, so without this such a model's convs
+    would stay in float. Calls whose weights are computed, or whose padding is a string, are left alone.
+    """
+    def param(node) -> torch.Tensor | None:
+        if node is None:
+            return None
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            return operator.attrgetter(node.target)(gm).detach()
+        raise TypeError
+
+    lifted, moved = 0, []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (F.conv2d, torch.conv2d, F.linear):
+            continue
+        names = _CONV_ARGS if node.target is not F.linear else _CONV_ARGS[:3]
+        call = {**{k: _CONV_DEFAULTS.get(k) for k in names[2:]}, **dict(zip(names, node.args, strict=False)),
+                **node.kwargs}
+        try:
+            w, b = param(call["weight"]), param(call["bias"])
+        except TypeError:
+            continue
+        if node.target is F.linear:
+            module = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+        else:
+            if isinstance(call["padding"], str):
+                continue
+            groups = call["groups"]
+            module = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), call["stride"], call["padding"],
+                               call["dilation"], groups, bias=b is not None)
+        with torch.no_grad():
+            module.weight.copy_(w)
+            if b is not None:
+                module.bias.copy_(b)
+        # beside the layer that owned the weight, so names (and stage units) keep the model's hierarchy
+        owner = call["weight"].target.rpartition(".")[0]
+        name = f"{owner}_lifted" if owner else f"lifted_{lifted}"
+        gm.add_submodule(name, module.eval())
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, (call["input"],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        moved += [a.target for a in (call["weight"], call["bias"]) if a is not None]
+        lifted += 1
+    if lifted:
+        gm.graph.eliminate_dead_code()  # the get_attr nodes of the lifted weights
+        gm.delete_all_unused_submodules()
+        for target in moved:
+            # an owner still in use (its padding child is called) must not keep a second copy
+            owner, _, attr = target.rpartition(".")
+            try:
+                holder = gm.get_submodule(owner) if owner else gm
+            except AttributeError:  # the owner went with the unused submodules
+                continue
+            if attr in holder._parameters and not any(n.op == "get_attr" and n.target == target
+                                                      for n in gm.graph.nodes):
+                delattr(holder, attr)
+        gm.recompile()
+    return lifted
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> int:
