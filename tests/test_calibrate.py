@@ -115,7 +115,8 @@ def test_six_bit_weight_scale_is_max_abs_over_31(fused_example, calib_x) -> None
         expected = w.reshape(w.shape[0], -1).abs().amax(1) / qmax
         torch.testing.assert_close(layer.weight_quantizer.scale.detach(), expected, rtol=1e-6, atol=0, msg=name)
     six = [q for q in qm.act_quantizers.values() if q.fmt.bits == 6]
-    assert six and all(q.fmt.qmax == 31 for q in six)
+    # post-ReLU 6-bit tensors use the unsigned grid [0, 63] (in int8 storage), signed ones [-32, 31]
+    assert six and all(q.fmt.qmax == (63 if q.nonnegative else 31) for q in six)
 
 
 def _top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
