@@ -242,6 +242,7 @@ class _SamePadNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self.bn(self.stem(x)))
         x = x + F.relu6(self.bn2(self.dw(x)))
+        x = F.relu6(F.conv2d(x, self.dw.weight, None, 1, 1, 1, 8))  # the same weight a second time
         return F.linear(x.mean((2, 3)), self.head)
 
 
@@ -258,7 +259,7 @@ def test_conv_subclass_with_its_own_forward_is_lifted_to_modules() -> None:
     # torch.fx traces into the subclass's forward; the bare F.conv2d / F.linear calls become modules
     assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (F.conv2d, F.linear)]
     layers = {n: type(m) for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    assert layers == {"stem_lifted": nn.Conv2d, "dw_lifted": nn.Conv2d, "lifted_2": nn.Linear}
+    assert layers == {"stem_lifted": nn.Conv2d, "dw_lifted": nn.Conv2d, "dw_lifted_1": nn.Conv2d, "lifted": nn.Linear}
     assert report.bn_folded == 2 and report.bn_remaining == 0 and report.max_rel_error <= MAX_REL_ERROR
     assert report.params_after < report.params_before  # no second copy of the lifted weights is kept
-    assert len(quantize_model(gm, QuantConfig("onnxruntime")).weight_layers) == 3  # all quantized
+    assert len(quantize_model(gm, QuantConfig("onnxruntime")).weight_layers) == 4  # all quantized

@@ -159,7 +159,10 @@ def lift_functional_layers(gm: fx.GraphModule) -> int:
                 module.bias.copy_(b)
         # beside the layer that owned the weight, so names (and stage units) keep the model's hierarchy
         owner = call["weight"].target.rpartition(".")[0]
-        name = f"{owner}_lifted" if owner else f"lifted_{lifted}"
+        name = f"{owner}_lifted" if owner else "lifted"
+        taken = dict(gm.named_modules())
+        if name in taken:  # a weight used by several calls (tied, or another stride): one module each
+            name = next(f"{name}_{k}" for k in range(1, len(taken) + 2) if f"{name}_{k}" not in taken)
         gm.add_submodule(name, module.eval())
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (call["input"],))
