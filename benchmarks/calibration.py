@@ -209,7 +209,8 @@ def main() -> None:
     for spec in args.models.split(","):
         arch, epochs = spec.split(":")
         model = ensure_model(arch, int(epochs)) / "model.safetensors"
-        work = CACHE / "calibration" / f"{arch}-e{epochs}"
+        # other seeds build elsewhere: runs with different seeds may go side by side
+        work = CACHE / "calibration" / (f"{arch}-e{epochs}" + (f"-seed{args.seed}" if args.seed else ""))
         common = {"model": str(model), "calib": str(calib), "calib_count": None, "eval": str(test),
                   "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed, "device": args.device,
                   "threads": 1 if args.jobs > 1 else None}
