@@ -3,7 +3,7 @@
     python benchmarks/calibration.py [--models repvgg_a0:15,mobileone_s0:4] [--calib-count 1024]
         [--methods minmax,percentile,entropy,mse,mae,init,brecq,repapq] [--presets fast,default]
         [--brecq-presets default] [--settings W8A8:onnxruntime,...] [--ablations/--no-ablations]
-        [--modelopt-python /path/to/venv/bin/python] [--device cpu|cuda] [--merge]
+        [--modelopt-python /path/to/venv/bin/python] [--device cpu|cuda] [--seed N] [--merge] [--report-only]
         [--out benchmarks/results/calibration]
 
 Reference models: timm ``repvgg_a0`` and ``mobileone_s0`` (10 classes, 32x32 grey input) trained on
