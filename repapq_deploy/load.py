@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import repapq_deploy.models  # noqa: F401  (registers the built-in architectures with timm)
 from repapq_deploy.errors import DeployError
 from repapq_deploy.models.layouts import detect_layout, to_timm_layout
+from repapq_deploy.reparam.fuse import layer_from_weights
 
 _WRAPPER_KEYS = ("state_dict", "model_ema", "state_dict_ema", "ema", "model", "net")
 
@@ -283,17 +284,9 @@ def lift_exported(gm: fx.GraphModule) -> fx.GraphModule:
                 groups = args[8]
             else:
                 groups = args[6] if len(args) > 6 else 1
-            module = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride,
-                               padding, dilation, groups, bias=b is not None)
-            module.weight.data.copy_(w)
-            if b is not None:
-                module.bias.data.copy_(b)
+            module = layer_from_weights(w, b, stride, padding, dilation, groups)
         elif node.target is _aten.linear.default:
-            w, b = attr(args[1]), attr(args[2] if len(args) > 2 else None)
-            module = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-            module.weight.data.copy_(w)
-            if b is not None:
-                module.bias.data.copy_(b)
+            module = layer_from_weights(attr(args[1]), attr(args[2] if len(args) > 2 else None))
         elif node.target in (_aten.batch_norm.default, _aten._native_batch_norm_legit_no_training.default):
             w, b, mean, var = (attr(a) for a in args[1:5])
             eps = args[7] if node.target is _aten.batch_norm.default else args[6]

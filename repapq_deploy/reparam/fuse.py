@@ -115,6 +115,21 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
+def layer_from_weights(weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0, dilation=1,
+                       groups: int = 1) -> nn.Module:
+    """An eval-mode ``nn.Linear`` (2-D weight) or ``nn.Conv2d`` holding copies of ``weight`` and ``bias``."""
+    if weight.dim() == 2:
+        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        module = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding,
+                           dilation, groups, bias=bias is not None)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module.eval()
+
+
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
@@ -127,12 +142,11 @@ def lift_functional_layers(gm: fx.GraphModule) -> int:
     quantizer placement and the linter all work on modules, so without this such a model's convs
     would stay in float. Calls whose weights are computed, or whose padding is a string, are left alone.
     """
-    def param(node) -> torch.Tensor | None:
-        if node is None:
-            return None
-        if isinstance(node, fx.Node) and node.op == "get_attr":
-            return operator.attrgetter(node.target)(gm).detach()
-        raise TypeError
+    def is_param(arg) -> bool:
+        return isinstance(arg, fx.Node) and arg.op == "get_attr"
+
+    def value(arg) -> torch.Tensor | None:
+        return None if arg is None else operator.attrgetter(arg.target)(gm).detach()
 
     lifted, moved = 0, []
     for node in list(gm.graph.nodes):
@@ -141,29 +155,18 @@ def lift_functional_layers(gm: fx.GraphModule) -> int:
         names = _CONV_ARGS if node.target is not F.linear else _CONV_ARGS[:3]
         call = {**{k: _CONV_DEFAULTS.get(k) for k in names[2:]}, **dict(zip(names, node.args, strict=False)),
                 **node.kwargs}
-        try:
-            w, b = param(call["weight"]), param(call["bias"])
-        except TypeError:
+        if (not is_param(call["weight"]) or not (call["bias"] is None or is_param(call["bias"]))
+                or isinstance(call.get("padding"), str)):
             continue
-        if node.target is F.linear:
-            module = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-        else:
-            if isinstance(call["padding"], str):
-                continue
-            groups = call["groups"]
-            module = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), call["stride"], call["padding"],
-                               call["dilation"], groups, bias=b is not None)
-        with torch.no_grad():
-            module.weight.copy_(w)
-            if b is not None:
-                module.bias.copy_(b)
+        options = {k: call[k] for k in names[3:]}
+        module = layer_from_weights(value(call["weight"]), value(call["bias"]), **options)
         # beside the layer that owned the weight, so names (and stage units) keep the model's hierarchy
         owner = call["weight"].target.rpartition(".")[0]
         name = f"{owner}_lifted" if owner else "lifted"
         taken = dict(gm.named_modules())
         if name in taken:  # a weight used by several calls (tied, or another stride): one module each
             name = next(f"{name}_{k}" for k in range(1, len(taken) + 2) if f"{name}_{k}" not in taken)
-        gm.add_submodule(name, module.eval())
+        gm.add_submodule(name, module)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_module(name, (call["input"],))
         node.replace_all_uses_with(new)
