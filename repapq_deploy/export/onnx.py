@@ -54,23 +54,11 @@ def _constant_value(t: gs.Tensor) -> np.ndarray | None:
         return _values(t.values)
     if len(t.inputs) == 1 and t.inputs[0].op == "Constant":
         return _values(t.inputs[0].attrs["value"].values)
-    if len(t.inputs) == 1 and t.inputs[0].op == "Identity":  # a de-duplicated initializer
-        return _constant_value(t.inputs[0].inputs[0])
     return None
 
 
 def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = gs.import_onnx(model)
-    for node in [n for n in graph.nodes if n.op == "Clip"]:
-        src = node.inputs[0]
-        lo = _constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        if lo is None or len(src.inputs) != 1 or src.inputs[0].op != "Relu" or len(src.outputs) != 1:
-            continue
-        # Relu then Clip(lo <= 0, hi) == Clip(0, hi): one op, which TensorRT fuses into the conv.
-        relu = src.inputs[0]
-        node.inputs[0] = relu.inputs[0]
-        node.inputs[1] = gs.Constant(f"{node.name}_min", np.asarray(np.maximum(lo, 0), np.float32))
-        relu.outputs.clear()
     for node in [n for n in graph.nodes if n.op == "Identity" and isinstance(n.inputs[0], gs.Constant)]:
         # the exporter de-duplicates equal initializers through Identity nodes
         out = node.outputs[0]
@@ -83,6 +71,17 @@ def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
         for consumer in list(out.outputs):
             consumer.inputs[consumer.inputs.index(out)] = const
         node.outputs.clear()
+    # after the two loops above, so every constant input is a plain initializer
+    for node in [n for n in graph.nodes if n.op == "Clip"]:
+        src = node.inputs[0]
+        lo = _constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        if lo is None or len(src.inputs) != 1 or src.inputs[0].op != "Relu" or len(src.outputs) != 1:
+            continue
+        # Relu then Clip(lo <= 0, hi) == Clip(0, hi): one op, which TensorRT fuses into the conv.
+        relu = src.inputs[0]
+        node.inputs[0] = relu.inputs[0]
+        node.inputs[1] = gs.Constant(f"{node.name}_min", np.asarray(np.maximum(lo, 0), np.float32))
+        relu.outputs.clear()
     _fold_quantized_pads(graph)
     _drop_clips_the_grid_implies(graph)
     graph.cleanup().toposort()
