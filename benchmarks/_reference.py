@@ -18,23 +18,12 @@ CACHE = Path.home() / ".cache" / "repapq-deploy" / "fmnist"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Per-architecture training options (train.py flags); they are part of the cache folder's name.
-TRAIN_OPTIONS: dict[str, dict[str, str]] = {
-    # MobileOne's 20-odd plain blocks hardly learn at the warm-up's low starting rate: one epoch of
-    # warm-up instead of 15 % of the run (a 30-epoch run with the default was at 12 % after epoch 1).
-    "mobileone_s0": {"warmup-epochs": "1"},
-}
-
-
 def ensure_model(arch: str, epochs: int) -> Path:
     """Train ``arch`` for ``epochs`` unless a cached checkpoint exists; return its folder."""
-    options = TRAIN_OPTIONS.get(arch, {})
-    suffix = "".join(f"-{k.split('-')[0]}{v}" for k, v in options.items())
-    folder = CACHE / f"{arch}-e{epochs}{suffix}"
+    folder = CACHE / f"{arch}-e{epochs}"
     if not (folder / "model.safetensors").exists():
-        flags = [item for k, v in options.items() for item in (f"--{k}", v)]
         subprocess.run([sys.executable, str(ROOT / "examples/fashion_mnist/train.py"), "--arch", arch,
-                        "--epochs", str(epochs), "--out", str(folder), *flags], check=True)
+                        "--epochs", str(epochs), "--out", str(folder)], check=True)
     return folder
 
 

@@ -59,6 +59,10 @@ def build_options(fn):
                      help="Weight and activation bits; 6 is emulated exactly on INT8 kernels."),
         click.option("--first-last-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
                      help="Bits of the first conv and the classifier."),
+        click.option("--split-identity/--no-split-identity", default=True, show_default=True,
+                     help="Keep each fused kernel's dominant identity tap as a depthwise 1x1 conv beside it, "
+                          "so it does not set the kernel's quantization range (one extra conv and add per "
+                          "RepVGG/MobileOne block)."),
         click.option("--method", type=click.Choice(all_methods()), default="repapq", show_default=True,
                      help="Calibration method: reconstruction (repapq, brecq) or a range method (minutes vs "
                           "seconds; percentile is the quickest good one)."),

@@ -20,6 +20,15 @@ from repapq_deploy.reparam import FuseReport, fuse_model
 torch.set_num_threads(1)
 
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "fashion_mnist"
+# The bundled example after fusion: 9 convs + 1 linear; 4 of the convs (the stride-1 blocks) carry a
+# dominant identity tap that quantization splits off into a depthwise 1x1 conv and an add.
+EXAMPLE_LAYERS, EXAMPLE_SPLITS = 10, 4
+
+
+def example_act_quantizers(profile: str) -> int:
+    """Activation quantizers of the quantized example: 11 conv/linear inputs, plus per split add the
+    inputs its profile quantizes (both on ONNX Runtime, the shortcut only on TensorRT)."""
+    return 11 + EXAMPLE_SPLITS * (2 if profile == "onnxruntime" else 1)
 
 
 @pytest.fixture(scope="session", autouse=True)

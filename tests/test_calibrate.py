@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import EXAMPLE_LAYERS, EXAMPLE_SPLITS, example_act_quantizers
 
 from repapq_deploy.calibrate import METHODS, calibrate
 from repapq_deploy.calibrate.methods import CalibrationResult
@@ -39,10 +40,11 @@ def test_methods_registry() -> None:
 def test_every_scale_is_positive_and_finite(calibrated, method: str) -> None:
     qm, result = calibrated[method]
     assert result.method == method and result.images == CALIB
-    assert result.activation_quantizers == len(qm.act_quantizers) == 11
-    assert result.weight_quantizers == len(qm.weight_layers) == 10
+    acts, layers = example_act_quantizers(qm.config.profile), EXAMPLE_LAYERS + EXAMPLE_SPLITS
+    assert result.activation_quantizers == len(qm.act_quantizers) == acts
+    assert result.weight_quantizers == len(qm.weight_layers) == layers
     scales = qm.scales()
-    assert len(scales) == 21
+    assert len(scales) == acts + layers
     for name, s in scales.items():
         assert torch.isfinite(s).all() and (s > 0).all(), name
     for name, layer in qm.weight_layers.items():

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner, Result
+from conftest import EXAMPLE_SPLITS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -177,7 +178,9 @@ def test_ort_profile_engine_runs_every_layer_in_integer_kernels(build_of, bits):
     assert engine["path"] == "model.ort.onnx" and (b.out / "model.ort.onnx").is_file()
     assert engine["int8_op_fraction"] == 1.0
     assert engine["float_ops"] == 0
-    assert engine["op_counts"]["QLinearConv"] == 9 and engine["op_counts"]["QGemm"] == 1
+    # the split identity taps run as integer depthwise convs and integer adds too
+    assert engine["op_counts"]["QLinearConv"] == 9 + EXAMPLE_SPLITS and engine["op_counts"]["QGemm"] == 1
+    assert engine["op_counts"]["QLinearAdd"] == EXAMPLE_SPLITS
     assert b.report["warnings"] == []
 
 

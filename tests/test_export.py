@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import EXAMPLE_LAYERS, EXAMPLE_SPLITS, example_act_quantizers
 from onnx import numpy_helper
 
 from repapq_deploy.calibrate import calibrate
@@ -136,14 +137,14 @@ def test_zero_points_and_scales_are_initializers(exported, config) -> None:
     # the activation scales are the calibrated ones
     act_scales = {np.float32(q.scale.item()) for q in qm.act_quantizers.values()}
     assert {g.init(n.input[1]).item() for n in g.of("QuantizeLinear")} == act_scales
-    assert len(g.of("QuantizeLinear")) == len(qm.act_quantizers) == 11
+    assert len(g.of("QuantizeLinear")) == len(qm.act_quantizers) == example_act_quantizers(qm.config.profile)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_weights_are_per_channel_int8_initializers(exported, config) -> None:
     qm, g = exported[config]
     dqs = g.weight_dqs()
-    assert len(dqs) == len(qm.weight_layers) == 10
+    assert len(dqs) == len(qm.weight_layers) == EXAMPLE_LAYERS + EXAMPLE_SPLITS
     seen = set()
     for dq in dqs:
         w = g.init(dq.input[0])
@@ -168,16 +169,18 @@ def test_weights_are_per_channel_int8_initializers(exported, config) -> None:
         assert len(g.bias_dqs()) == 10 and all(_axis(n) == 0 for n in g.bias_dqs())
     else:
         assert g.bias_dqs() == []
-    assert len(g.of("DequantizeLinear")) == 11 + 10 + len(g.bias_dqs())
+    assert len(g.of("DequantizeLinear")) == (example_act_quantizers(qm.config.profile) + EXAMPLE_LAYERS
+                                             + EXAMPLE_SPLITS + len(g.bias_dqs()))
 
 
 @pytest.mark.parametrize("bits", [8, 6])
 def test_onnxruntime_uses_uint8_after_relu(exported, bits: int) -> None:
     _, g = exported[("onnxruntime", bits)]
     qs = g.of("QuantizeLinear")
-    # every activation is uint8 (one type in and out of each QLinearConv); signed ones with zero point 128
+    # every activation is uint8 (one type in and out of each QLinearConv); signed ones with zero point
+    # 128: the input and both inputs of each split's add (the conv before the ReLU, the shortcut)
     by_zp = Counter((g.init(q.input[2]).dtype, int(g.init(q.input[2]))) for q in qs)
-    assert by_zp == {(np.dtype(np.uint8), 0): 10, (np.dtype(np.uint8), 128): 1}
+    assert by_zp == {(np.dtype(np.uint8), 0): 10, (np.dtype(np.uint8), 128): 1 + 2 * EXAMPLE_SPLITS}
     for q in qs:
         zp = int(g.init(q.input[2]))
         if q.input[0] == INPUT_NAME:
@@ -197,32 +200,41 @@ def test_tensorrt_int6_is_emulated_with_a_float_clip(exported) -> None:
     qm, g = exported[("tensorrt", 6)]
     clips = g.of("Clip")
     emulated = [q for q in qm.act_quantizers.values() if q.fmt.emulated]
-    assert len(clips) == len(emulated) == 9
+    assert len(clips) == len(emulated) == 9 + EXAMPLE_SPLITS
     assert not [c for c in clips if g.producer_op(c.input[0]) == "Relu"], "Relu -> Clip not merged"
-    assert g.of("Relu") == []  # every 6-bit tensor of the example is a ReLU output: all merged into Clips
+    assert g.of("Relu") == []  # every 6-bit ReLU output of the example: merged into its Clip
+    unsigned = 0
     for clip in clips:
         [q] = [n for n in g.nodes if clip.output[0] in n.input]
         assert q.op_type == "QuantizeLinear"  # Clip before Q: TensorRT fuses it into the conv
         s = g.init(q.input[1]).item()
         lo, hi = g.init(clip.input[1]), g.init(clip.input[2])
         assert lo.dtype == hi.dtype == np.float32
-        assert lo.item() == 0.0  # Relu then Clip(0, qmax * s)
-        # a non-negative 6-bit tensor gets the unsigned grid [0, 63] inside int8 storage (DESIGN.md)
-        assert hi.item() == pytest.approx(63 * s, rel=1e-6)
+        if lo.item() == 0.0:  # Relu then Clip(0, qmax * s)
+            # a non-negative 6-bit tensor gets the unsigned grid [0, 63] inside int8 storage (DESIGN.md)
+            assert hi.item() == pytest.approx(63 * s, rel=1e-6)
+            unsigned += 1
+        else:  # a split's shortcut (signed): [-32, 31]
+            assert g.producer_op(clip.input[0]) == "Conv"
+            assert (lo.item(), hi.item()) == (pytest.approx(-32 * s, rel=1e-6), pytest.approx(31 * s, rel=1e-6))
         assert g.init(q.input[2]).dtype == np.int8  # TensorRT quantizes to int8 only
+    assert unsigned == 9
 
 
 def test_onnxruntime_int6_is_emulated_with_an_integer_clip(exported) -> None:
     qm, g = exported[("onnxruntime", 6)]
     clips = g.of("Clip")
-    assert len(clips) == sum(q.fmt.emulated for q in qm.act_quantizers.values()) == 9
+    assert len(clips) == sum(q.fmt.emulated for q in qm.act_quantizers.values()) == 9 + 2 * EXAMPLE_SPLITS
     for clip in clips:
         # Q -> Clip(uint8 0, 63) -> DQ: ONNX Runtime still fuses DQ-Conv-Q into QLinearConv around it
         assert g.producer_op(clip.input[0]) == "QuantizeLinear"
         [dq] = [n for n in g.nodes if clip.output[0] in n.input]
         assert dq.op_type == "DequantizeLinear"
         lo, hi = g.init(clip.input[1]), g.init(clip.input[2])
-        assert lo.dtype == hi.dtype == np.uint8 and (lo.item(), hi.item()) == (0, 63)
+        assert lo.dtype == hi.dtype == np.uint8
+    # post-ReLU tensors [0, 63]; the split adds' signed inputs [-32, 31] around zero point 128
+    ranges = Counter((g.init(c.input[1]).item(), g.init(c.input[2]).item()) for c in clips)
+    assert ranges == {(0, 63): 9, (96, 159): 2 * EXAMPLE_SPLITS}
     assert len(g.of("Relu")) == 9  # float ReLUs stay: ORT fuses them into QLinearConv
 
 
@@ -249,7 +261,7 @@ def test_graph_summary_counts_ops(exported, config) -> None:
     counts = Counter(n.op_type for n in g.nodes)
     assert summary["ops"] == dict(counts) and summary["nodes"] == len(g.nodes)
     assert summary["opset"] == 17
-    assert summary["ops"]["Conv"] == 9 and summary["ops"]["Gemm"] == 1
+    assert summary["ops"]["Conv"] == 9 + EXAMPLE_SPLITS and summary["ops"]["Gemm"] == 1
     assert summary["ops"]["QuantizeLinear"] == len(qm.act_quantizers)
     assert list(summary["ops"]) == sorted(summary["ops"])
 

@@ -264,3 +264,63 @@ def test_conv_subclass_with_its_own_forward_is_lifted_to_modules() -> None:
     # the owners (still called for their padding) keep no second copy of the lifted weights
     assert {k.rpartition(".")[0] for k in gm.state_dict()} == set(layers)
     assert len(quantize_model(gm, QuantConfig("onnxruntime")).weight_layers) == 4  # all quantized
+
+
+def _weight_only_error(gm: fx.GraphModule, x: torch.Tensor) -> float:
+    """Relative logit error of ``gm`` with its conv/linear weights on the 8-bit per-channel min-max
+    grid (activations in float)."""
+    import copy
+
+    q = copy.deepcopy(gm)
+    with torch.no_grad():
+        for m in q.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                s = m.weight.flatten(1).abs().amax(1).clamp_min(1e-12) / 127
+                s = s.view(-1, *[1] * (m.weight.dim() - 1))
+                m.weight.copy_((m.weight / s).round() * s)
+        ref, out = gm(x), q(x)
+    return float((out - ref).norm() / ref.norm())
+
+
+def test_split_identity_is_exact_and_takes_the_identity_tap_off_the_weight_grid(fused_example, calib_x) -> None:
+    import copy
+
+    from repapq_deploy.reparam import split_identity
+
+    gm, _ = fused_example
+    split = copy.deepcopy(gm)
+    n = split_identity(split)
+    # the trained example's stride-1 blocks (1 + 3 in stages 2-3) carry an identity branch
+    assert n == 4
+    shortcuts = {k: m for k, m in split.named_modules() if k.endswith("_identity")}
+    assert len(shortcuts) == n and all(m.groups == m.in_channels and m.kernel_size == (1, 1)
+                                       for m in shortcuts.values())
+    for name, short in shortcuts.items():
+        conv, orig = split.get_submodule(name[:-len("_identity")]), gm.get_submodule(name[:-len("_identity")])
+        c, k = orig.out_channels, orig.kernel_size[0] // 2
+        idx = torch.arange(c)
+        assert torch.equal(short.weight.flatten(), orig.weight[idx, idx, k, k])
+        assert not conv.weight[idx, idx, k, k].any()
+    x = calib_x[:32]
+    with torch.no_grad():
+        ref, out = gm(x), split(x)
+    assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    # the point of the split: 8-bit weights cost far less (measured ~4x less on this model)
+    assert _weight_only_error(split, x) < 0.5 * _weight_only_error(gm, x)
+
+
+def test_split_identity_leaves_convs_without_a_dominant_identity_tap() -> None:
+    from repapq_deploy.reparam import split_identity
+
+    torch.manual_seed(0)
+    convs = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                          nn.Conv2d(8, 16, 3, padding=1))
+    gm = fx.symbolic_trace(convs)
+    with torch.no_grad():  # a dominant centre diagonal, but stride 2 and 8->16 channels cannot carry it
+        for conv in (convs[2], convs[3]):
+            conv.weight[torch.arange(8), torch.arange(8), 1, 1] = 10.0
+    assert split_identity(gm) == 0  # conv 0: random weights, no dominant centre tap
+    with torch.no_grad():
+        convs[0].weight[torch.arange(8), torch.arange(8), 1, 1] = 10.0
+    gm = fx.symbolic_trace(convs)
+    assert split_identity(gm) == 1 and _adds(gm) == 1

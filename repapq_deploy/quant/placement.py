@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from repapq_deploy.errors import DeployError
 from repapq_deploy.quant.fakequant import ActQuantizer, QuantConv2d, QuantLinear
 from repapq_deploy.quant.scheme import Profile, QuantConfig
+from repapq_deploy.reparam.fuse import split_identity
 
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
 _RELU_FUNCS = {F.relu, torch.relu, F.relu6}
@@ -225,6 +226,8 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
                           f"{str(exc).splitlines()[0][:160]}); models with data-dependent control flow "
                           "are not supported") from exc
     gm = copy.deepcopy(gm)  # the fused model stays as it is
+    if config.split_identity:
+        split_identity(gm)
     modules = dict(gm.named_modules())
     graph = gm.graph
     profile = config.scheme

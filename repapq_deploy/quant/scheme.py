@@ -83,11 +83,13 @@ PROFILES: dict[str, Profile] = {
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """What to quantize and how: profile, bit width, and the bit width of the first/last layer."""
+    """What to quantize and how: profile, bit width, the bit width of the first/last layer, and whether
+    fused kernels' identity taps are split off (``reparam.split_identity``)."""
 
     profile: str = "onnxruntime"
     bits: int = 8
     first_last_bits: int = 8
+    split_identity: bool = True
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
