@@ -3,7 +3,8 @@
     python benchmarks/ort_speedup.py [--arch repvgg_a0] [--size 224] [--seconds 20] [--out benchmarks/results]
 
 Builds the ``onnxruntime``-profile engine of a 224x224 timm model with ``repapq-deploy build``,
-quantizes the *same* fused FP32 ONNX with ``onnxruntime.quantization.quantize_static`` (QDQ,
+builds it a second time with ``--no-split-identity`` (the identity taps' depthwise convs and adds
+cost time), quantizes the *same* fused FP32 ONNX with ``onnxruntime.quantization.quantize_static`` (QDQ,
 per-channel int8 weights, uint8 activations, MinMax) on the same calibration tensors, and times
 FP32, ours and ORT's interleaved in one run at batch 1 and 32 (medians), so the speed-up ratios
 are comparable on a noisy machine. Latency does not depend on the weights' values, so the model
@@ -67,11 +68,15 @@ def main() -> None:
     np.savez(work / "calib.npz", x=calib)
     torch.save(make_model(args.arch, args.size, torch.from_numpy(calib), args.seed), work / "model.pt")
 
-    build = Build(BuildOptions(model=str(work / "model.pt"), arch=args.arch, calib=str(work / "calib.npz"),
-                               calib_count=args.calib_count, method="minmax", backend="onnxruntime",
-                               out=str(work / "build"), input_size=(3, args.size, args.size)))
-    build.run("engine")
-    fp32_path, ours_path = work / "build" / "model.fp32.onnx", work / "build" / build.engine_file
+    engines = {}
+    for name, split in (("repapq-deploy", True), ("repapq-deploy, no identity split", False)):
+        folder = work / ("build" if split else "build_nosplit")
+        build = Build(BuildOptions(model=str(work / "model.pt"), arch=args.arch, calib=str(work / "calib.npz"),
+                                   calib_count=args.calib_count, method="minmax", backend="onnxruntime",
+                                   out=str(folder), input_size=(3, args.size, args.size), split_identity=split))
+        build.run("engine")
+        engines[name] = folder / build.engine_file
+    fp32_path = work / "build" / "model.fp32.onnx"
 
     ort_qdq = work / "ort_quantize_static.onnx"
     quantize_static(str(fp32_path), str(ort_qdq), _Reader(calib, "input"), quant_format=QuantFormat.QDQ,
@@ -83,7 +88,7 @@ def main() -> None:
     import onnx
 
     fractions = {}
-    for name, path in (("repapq-deploy", ours_path), ("ort quantize_static", work / "ort_quantize_static.opt.onnx")):
+    for name, path in (*engines.items(), ("ort quantize_static", work / "ort_quantize_static.opt.onnx")):
         integer, floating, _ = count_ops(onnx.load(str(path)))
         fractions[name] = integer / (integer + floating)
 
@@ -91,7 +96,7 @@ def main() -> None:
                      "batches": {}, "hardware": hardware(), "versions": versions()}
     for bs in (1, 32):
         x = np.ascontiguousarray(np.resize(calib, (bs, 3, args.size, args.size)))
-        runners = {"fp32": OrtRunner(fp32_path), "repapq-deploy": OrtRunner(ours_path),
+        runners = {"fp32": OrtRunner(fp32_path), **{k: OrtRunner(v) for k, v in engines.items()},
                    "ort quantize_static": OrtRunner(ort_qdq)}
         stats = benchmark_interleaved(runners, x, warmup=3, seconds=args.seconds, description="ort_speedup")
         for r in runners.values():
