@@ -4,6 +4,7 @@
         [--methods minmax,percentile,entropy,mse,mae,init,brecq,repapq] [--presets fast,default]
         [--brecq-presets default] [--settings W8A8:onnxruntime,...] [--ablations/--no-ablations]
         [--modelopt-python /path/to/venv/bin/python] [--device cpu|cuda] [--seed N] [--merge] [--report-only]
+        [--no-split-identity]
         [--out benchmarks/results/calibration]
 
 Reference models: timm ``repvgg_a0`` and ``mobileone_s0`` (10 classes, 32x32 grey input) trained on
@@ -189,6 +190,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1,
                     help="builds side by side (each then single-threaded; calibration times grow accordingly)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split-identity", action=argparse.BooleanOptionalAction, default=True,
+                    help="build's --split-identity (off: the plain fused graph; builds go to a separate folder)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where calibration runs")
     ap.add_argument("--merge", action="store_true",
                     help="replace only the rows run now in an existing <arch>.json, keep the others")
@@ -210,10 +213,11 @@ def main() -> None:
         arch, epochs = spec.split(":")
         model = ensure_model(arch, int(epochs)) / "model.safetensors"
         # other seeds build elsewhere: runs with different seeds may go side by side
-        work = CACHE / "calibration" / (f"{arch}-e{epochs}" + (f"-seed{args.seed}" if args.seed else ""))
+        work = CACHE / "calibration" / (f"{arch}-e{epochs}" + (f"-seed{args.seed}" if args.seed else "")
+                                        + ("" if args.split_identity else "-nosplit"))
         common = {"model": str(model), "calib": str(calib), "calib_count": None, "eval": str(test),
                   "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed, "device": args.device,
-                  "threads": 1 if args.jobs > 1 else None}
+                  "threads": 1 if args.jobs > 1 else None, "split_identity": args.split_identity}
         todo = plan(args.methods.split(","), args.presets.split(","), args.brecq_presets.split(","), settings)
         specs = []
         for row in todo:
@@ -231,7 +235,8 @@ def main() -> None:
                                    "profile": profile, "bits": bits, "first_last_bits": fl}, change))
         console.print(f"{arch}: {len(specs)} builds, {args.jobs} at a time")
         measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        rows = [{**row, **r, "device": args.device} for row, r in zip(todo, run_builds(specs, args.jobs), strict=True)]
+        rows = [{**row, **r, "device": args.device, "split_identity": args.split_identity}
+                for row, r in zip(todo, run_builds(specs, args.jobs), strict=True)]
         fp32 = rows[0]["fp32"]
         if args.peers:
             rows += peer_rows(arch, fp32, next(work.glob("*/model.fp32.onnx")), calib, test, work,
