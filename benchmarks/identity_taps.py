@@ -26,7 +26,7 @@ from rich.table import Table
 
 from repapq_deploy.load import load_model
 from repapq_deploy.reparam import fuse_model
-from repapq_deploy.reparam.fuse import _identity_taps, split_identity
+from repapq_deploy.reparam.fuse import identity_taps, split_identity
 
 
 def grid_stats(weight: torch.Tensor, bits: int) -> tuple[float, float]:
@@ -49,7 +49,7 @@ def layer_rows(gm: torch.nn.Module, bits: int) -> list[dict]:
             continue
         zero, err = grid_stats(mod.weight, bits)
         row = {"layer": name, "shape": list(mod.weight.shape), "zero_fraction": zero, "rel_error": err}
-        d = _identity_taps(mod) if isinstance(mod, nn.Conv2d) else None
+        d = identity_taps(mod) if isinstance(mod, nn.Conv2d) else None
         if d is not None:
             row["centre_is_max"] = float((d.abs() >= mod.weight.detach().abs().flatten(1).amax(1)).float().mean())
         if f"{name}_identity" in dict(split.named_modules()):
