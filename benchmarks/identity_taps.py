@@ -49,9 +49,9 @@ def layer_rows(gm: torch.nn.Module, bits: int) -> list[dict]:
             continue
         zero, err = grid_stats(mod.weight, bits)
         row = {"layer": name, "shape": list(mod.weight.shape), "zero_fraction": zero, "rel_error": err}
-        d = identity_taps(mod) if isinstance(mod, nn.Conv2d) else None
-        if d is not None:
-            row["centre_is_max"] = float((d.abs() >= mod.weight.detach().abs().flatten(1).amax(1)).float().mean())
+        taps = identity_taps(mod) if isinstance(mod, nn.Conv2d) else None
+        if taps is not None:
+            row["centre_is_max"] = float((taps[0].abs() >= mod.weight.detach().abs().flatten(1).amax(1)).float().mean())
         if f"{name}_identity" in dict(split.named_modules()):
             row["split_zero_fraction"], row["split_rel_error"] = grid_stats(split.get_submodule(name).weight, bits)
         rows.append(row)

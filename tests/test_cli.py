@@ -351,6 +351,19 @@ def test_every_calibration_method_exports(reparam_dir, tmp_path, method):
     assert tmp_leftovers(out) == []
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_split_identity_option_decides_the_exported_graph(reparam_dir, tmp_path, split):
+    out = copy_build(reparam_dir, tmp_path / str(split))
+    flag = "--split-identity" if split else "--no-split-identity"
+    result = cli(*pipeline_args("export", out, "--method", "minmax", flag, "--json"))
+    assert result.exit_code == 0, result.output
+    ops = json.loads(result.stdout)["qdq_graph"]["ops"]
+    # split: each identity block's tap is a depthwise 1x1 conv beside its kernel, joined by an Add
+    assert ops["Conv"] == 9 + (EXAMPLE_SPLITS if split else 0)
+    assert ops.get("Add", 0) == (EXAMPLE_SPLITS if split else 0)
+    assert torch.load(out / "qstate.pt", weights_only=True)["config"]["split_identity"] is split
+
+
 def test_console_scripts(reparam_dir, tmp_path):
     script = Path(sys.executable).with_name("repapq-deploy")
     assert script.is_file(), "repapq-deploy console script not installed next to the interpreter"

@@ -1,7 +1,7 @@
 """Train the bundled example (a small RepVGG on Fashion-MNIST) and write its data files.
 
     python examples/fashion_mnist/train.py [--arch repvgg_nano] [--epochs 15] [--out DIR] [--device cpu|cuda]
-        [--warmup-epochs E]
+        [--warmup-epochs E] [--batch N] [--lr LR]
 
 Writes ``model.safetensors`` (multi-branch, unfused weights; arch/classes/input size in the file's
 metadata), ``calib.npz`` (256 training images) and ``eval.npz`` (1000 test images, with labels).

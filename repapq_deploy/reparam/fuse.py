@@ -315,10 +315,11 @@ def merge_branches(gm: fx.GraphModule) -> int:
 SPLIT_MIN_GAIN = 2.0
 
 
-def identity_taps(conv: nn.Conv2d) -> torch.Tensor | None:
-    """The per-channel weight that ``conv`` applies to its own input channel at the kernel centre
-    (what the fused identity/BN branch and 1x1 diagonal put there), or None when ``conv`` cannot
-    carry an identity (stride, dilation, channel count or padding do not line up)."""
+def identity_taps(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(d, rest)``: the per-channel weight ``d`` that ``conv`` applies to its own input channel at
+    the kernel centre (what the fused identity/BN branch and 1x1 diagonal put there) and the kernel
+    without it; None when ``conv`` cannot carry an identity (stride, dilation, channel count or
+    padding do not line up)."""
     kh, kw = conv.kernel_size
     pad = conv.padding if isinstance(conv.padding, tuple) else None
     c = conv.out_channels
@@ -327,11 +328,13 @@ def identity_taps(conv: nn.Conv2d) -> torch.Tensor | None:
             or conv.padding_mode != "zeros"):
         return None
     k = kh // 2
-    w = conv.weight.detach()
-    if conv.groups == 1:
-        idx = torch.arange(c)
-        return w[idx, idx, k, k].clone()
-    return w[:, 0, k, k].clone()
+    rest = conv.weight.detach().clone()
+    # the input channel of output channel i is i (groups 1) or its own group's only one (depthwise)
+    cols = torch.arange(c) if conv.groups == 1 else torch.zeros(c, dtype=torch.long)
+    rows = torch.arange(c)
+    d = rest[rows, cols, k, k].clone()
+    rest[rows, cols, k, k] = 0
+    return d, rest
 
 
 def split_identity(gm: fx.GraphModule, min_gain: float = SPLIT_MIN_GAIN) -> int:
@@ -341,11 +344,10 @@ def split_identity(gm: fx.GraphModule, min_gain: float = SPLIT_MIN_GAIN) -> int:
     Fusing an identity (or BN-only) branch adds it to one tap per output channel, which then sets the
     channel's quantization range: in a trained RepVGG-A0 the centre tap is the channel maximum in
     81-95 % of the channels and 25-70 % of the other weights round to zero on the 8-bit grid
-    (``benchmarks/identity_taps.py``). The split
-    keeps ``d`` as a depthwise 1x1 conv (one weight per channel: exact on any per-channel grid) that
-    reads the same quantized input, so only the remaining taps go through the weight grid. The
-    result is the same function up to float rounding; the cost is one depthwise conv and an add per
-    split block.
+    (``benchmarks/identity_taps.py``). The split keeps ``d`` as a depthwise 1x1 conv (one weight
+    per channel: exact on any per-channel grid) that reads the same quantized input, so only the
+    remaining taps go through the weight grid. The result is the same function up to float rounding;
+    the cost is one depthwise conv and an add per split block.
     """
     modules = dict(gm.named_modules())
     split = 0
@@ -353,16 +355,10 @@ def split_identity(gm: fx.GraphModule, min_gain: float = SPLIT_MIN_GAIN) -> int:
         if node.op != "call_module" or not isinstance(modules[node.target], nn.Conv2d):
             continue
         conv = modules[node.target]
-        d = identity_taps(conv)
-        if d is None:
+        taps = identity_taps(conv)
+        if taps is None:
             continue
-        k = conv.kernel_size[0] // 2
-        rest = conv.weight.detach().clone()
-        if conv.groups == 1:
-            idx = torch.arange(len(d))
-            rest[idx, idx, k, k] = 0
-        else:
-            rest[:, 0, k, k] = 0
+        d, rest = taps
         rest_max = rest.abs().flatten(1).amax(1)
         if not bool((rest_max > 0).all()):
             continue
@@ -371,8 +367,7 @@ def split_identity(gm: fx.GraphModule, min_gain: float = SPLIT_MIN_GAIN) -> int:
             continue
         with torch.no_grad():
             conv.weight.copy_(rest)
-        shortcut = nn.Conv2d(len(d), len(d), 1, groups=len(d), bias=False)
-        shortcut.weight.data = d.view(-1, 1, 1, 1).to(conv.weight.dtype)
+        shortcut = layer_from_weights(d.view(-1, 1, 1, 1), None, groups=len(d))
         name = f"{node.target}_identity"
         gm.add_submodule(name, shortcut)
         with gm.graph.inserting_after(node):
