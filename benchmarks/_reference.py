@@ -16,14 +16,31 @@ from repapq_deploy.data import fashion_mnist as fm
 
 CACHE = Path.home() / ".cache" / "repapq-deploy" / "fmnist"
 ROOT = Path(__file__).resolve().parents[1]
+# the reference models of the calibration benchmark (ARCH:EPOCHS[:wWARMUP]; see parse_model_spec)
+DEFAULT_MODELS = "repvgg_a0:15,mobileone_s0:4"
 
 
-def ensure_model(arch: str, epochs: int) -> Path:
-    """Train ``arch`` for ``epochs`` unless a cached checkpoint exists; return its folder."""
-    folder = CACHE / f"{arch}-e{epochs}"
+def parse_model_spec(spec: str) -> tuple[str, int, float | None]:
+    """``ARCH:EPOCHS[:wWARMUP]`` (e.g. ``mobileone_s0:10:w1``) as ``(arch, epochs, warmup_epochs)``."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or (len(parts) == 3 and not parts[2].startswith("w")):
+        raise SystemExit(f"--models {spec}: write ARCH:EPOCHS or ARCH:EPOCHS:wWARMUP, e.g. mobileone_s0:10:w1")
+    return parts[0], int(parts[1]), float(parts[2][1:]) if len(parts) == 3 else None
+
+
+def model_name(arch: str, epochs: int, warmup: float | None = None) -> str:
+    """The cache folder name of a reference model (also names its calibration work folder)."""
+    return f"{arch}-e{epochs}" + ("" if warmup is None else f"-w{warmup:g}")
+
+
+def ensure_model(arch: str, epochs: int, warmup: float | None = None) -> Path:
+    """Train ``arch`` for ``epochs`` (one-cycle warm-up of ``warmup`` epochs; default 15 %) unless a
+    cached checkpoint exists; return its folder."""
+    folder = CACHE / model_name(arch, epochs, warmup)
     if not (folder / "model.safetensors").exists():
-        subprocess.run([sys.executable, str(ROOT / "examples/fashion_mnist/train.py"), "--arch", arch,
-                        "--epochs", str(epochs), "--out", str(folder)], check=True)
+        cmd = [sys.executable, str(ROOT / "examples/fashion_mnist/train.py"), "--arch", arch,
+               "--epochs", str(epochs), "--out", str(folder)]
+        subprocess.run(cmd + ([] if warmup is None else ["--warmup-epochs", f"{warmup:g}"]), check=True)
     return folder
 
 

@@ -44,9 +44,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import _reference as ref
 import numpy as np
 import onnxruntime as ort
-from _reference import CACHE, ensure_calib_set, ensure_model, ensure_test_set
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from rich.console import Console
 from rich.table import Table
@@ -176,7 +176,7 @@ def plan(methods: list[str], presets: list[str], brecq_presets: list[str], setti
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="repvgg_a0:15,mobileone_s0:4", help="ARCH:EPOCHS pairs")
+    ap.add_argument("--models", default=ref.DEFAULT_MODELS, help="ARCH:EPOCHS[:wWARMUP] specs")
     ap.add_argument("--calib-count", type=int, default=1024)
     ap.add_argument("--methods", default="minmax,percentile,entropy,mse,mae,init,brecq,repapq")
     ap.add_argument("--presets", default="fast,default", help="repapq presets")
@@ -203,18 +203,19 @@ def main() -> None:
         for spec in args.models.split(","):
             payload = json.loads((args.out / f"{spec.split(':')[0]}.json").read_text())
             args.calib_count, args.seed, args.jobs = payload["calib_images"], payload["seed"], payload["jobs"]
-            report(payload["arch"], payload["epochs"], payload["fp32"], payload["rows"], args,
-                   payload["hardware"], payload["versions"])
+            report(payload["arch"], payload["epochs"], payload.get("warmup_epochs"), payload["fp32"],
+                   payload["rows"], args, payload["hardware"], payload["versions"])
         return
-    calib, test = ensure_calib_set(args.calib_count, args.seed), ensure_test_set()
+    calib, test = ref.ensure_calib_set(args.calib_count, args.seed), ref.ensure_test_set()
     settings = [s for s in SETTINGS if f"{s[0]}:{s[1]}" in args.settings.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     for spec in args.models.split(","):
-        arch, epochs = spec.split(":")
-        model = ensure_model(arch, int(epochs)) / "model.safetensors"
+        arch, epochs, warmup = ref.parse_model_spec(spec)
+        model = ref.ensure_model(arch, epochs, warmup) / "model.safetensors"
         # other seeds build elsewhere: runs with different seeds may go side by side
-        work = CACHE / "calibration" / (f"{arch}-e{epochs}" + (f"-seed{args.seed}" if args.seed else "")
-                                        + ("" if args.split_identity else "-nosplit"))
+        work = ref.CACHE / "calibration" / (ref.model_name(arch, epochs, warmup)
+                                            + (f"-seed{args.seed}" if args.seed else "")
+                                            + ("" if args.split_identity else "-nosplit"))
         common = {"model": str(model), "calib": str(calib), "calib_count": None, "eval": str(test),
                   "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed, "device": args.device,
                   "threads": 1 if args.jobs > 1 else None, "split_identity": args.split_identity}
@@ -244,8 +245,12 @@ def main() -> None:
         for r in rows:
             r["measured_at"] = measured_at
         if args.merge and (args.out / f"{arch}.json").exists():
-            rows = merge_rows(json.loads((args.out / f"{arch}.json").read_text())["rows"], rows)
-        report(arch, int(epochs), fp32, rows, args)
+            old = json.loads((args.out / f"{arch}.json").read_text())
+            if (old["epochs"], old.get("warmup_epochs")) != (epochs, warmup):
+                raise SystemExit(f"--merge: {args.out / f'{arch}.json'} holds rows of a different model "
+                                 f"({old['epochs']} epochs); run without --merge to replace it")
+            rows = merge_rows(old["rows"], rows)
+        report(arch, epochs, warmup, fp32, rows, args)
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -256,10 +261,11 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     return merged + [r for r in new if key(r) in fresh]
 
 
-def report(arch: str, epochs: int, fp32: float, rows: list[dict], args: argparse.Namespace,
+def report(arch: str, epochs: int, warmup: float | None, fp32: float, rows: list[dict], args: argparse.Namespace,
            machine: dict | None = None, libraries: dict | None = None) -> None:
     """Print the table and write ``<arch>.json``, ``<arch>.md`` and ``<arch>.png``."""
-    table = Table(title=f"{arch} ({epochs} epochs): Fashion-MNIST test top-1, 10 000 images, FP32 {fp32:.2f} %")
+    trained = f"{epochs} epochs" + ("" if warmup is None else f", {warmup:g}-epoch warm-up")
+    table = Table(title=f"{arch} ({trained}): Fashion-MNIST test top-1, 10 000 images, FP32 {fp32:.2f} %")
     cols = ("method", "preset", "setting", "profile", "top-1 %", "drop pp", "± s.e.", "calib s", "peak MiB")
     for col in cols:
         table.add_column(col, justify="right")
@@ -272,7 +278,8 @@ def report(arch: str, epochs: int, fp32: float, rows: list[dict], args: argparse
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     Console().print(table)
-    payload = {"arch": arch, "epochs": epochs, "calib_images": args.calib_count, "eval_images": 10000,
+    payload = {"arch": arch, "epochs": epochs, "warmup_epochs": warmup, "calib_images": args.calib_count,
+               "eval_images": 10000,
                "seed": args.seed, "jobs": args.jobs, "threads_per_build": 1 if args.jobs > 1 else "all",
                "fp32": fp32, "rows": rows, "hardware": machine or hardware(), "versions": libraries or versions()}
     (args.out / f"{arch}.json").write_text(json.dumps(payload, indent=2) + "\n")

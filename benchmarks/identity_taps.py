@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from _reference import ensure_calib_set, ensure_model
+from _reference import DEFAULT_MODELS, ensure_calib_set, ensure_model, parse_model_spec
 from rich.console import Console
 from rich.table import Table
 
@@ -60,7 +60,7 @@ def layer_rows(gm: torch.nn.Module, bits: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="repvgg_a0:15,mobileone_s0:4", help="ARCH:EPOCHS pairs")
+    ap.add_argument("--models", default=DEFAULT_MODELS, help="ARCH:EPOCHS[:wWARMUP] specs")
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/identity_taps.json"))
     args = ap.parse_args()
@@ -69,8 +69,8 @@ def main() -> None:
     console = Console(width=150)
     payload = {"bits": args.bits, "models": {}}
     for spec in args.models.split(","):
-        arch, epochs = spec.split(":")
-        loaded = load_model(ensure_model(arch, int(epochs)) / "model.safetensors")
+        arch, epochs, warmup = parse_model_spec(spec)
+        loaded = load_model(ensure_model(arch, epochs, warmup) / "model.safetensors")
         gm, _ = fuse_model(loaded.module, samples)
         rows = layer_rows(gm, args.bits)
         payload["models"][arch] = rows
