@@ -1,4 +1,5 @@
-"""Why fused kernels quantize badly: the identity tap's share of each kernel's 8-bit weight range.
+"""Why fused kernels quantize badly: the identity tap's share of each kernel's weight range, and
+what splitting it off (``reparam.split_identity``) does to each layer's output error.
 
     python benchmarks/identity_taps.py [--models repvgg_a0:15,mobileone_s0:4] [--bits 8]
         [--out benchmarks/results/identity_taps.json]
@@ -6,8 +7,10 @@
 For every conv of the fused reference model (trained by ``_reference.ensure_model``): how often the
 centre diagonal tap (what a fused identity / BN-only branch adds) is the channel's largest weight,
 and on the per-channel symmetric min-max grid the fraction of weights that round to zero and the
-relative weight error ``||Q(W) - W|| / ||W||`` (mean over channels) — as fused, and after
-``reparam.split_identity`` for the convs it splits. Prints a table and writes JSON.
+relative weight error ``||Q(W) - W|| / ||W||`` (mean over channels) — as fused, and with the
+identity tap split off for every conv that can carry one. Then, per profile, the output-error ratio
+(without / with the split) that ``quant.identity_split`` measures on 256 calibration images at
+``--bits`` to decide the split (a "*" marks the convs it splits). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -25,8 +28,12 @@ from rich.console import Console
 from rich.table import Table
 
 from repapq_deploy.load import load_model
+from repapq_deploy.quant.identity_split import choose_identity_splits, layer_split_errors
+from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
 from repapq_deploy.reparam.fuse import identity_taps, split_identity
+
+PROFILES = ("tensorrt", "onnxruntime")
 
 
 def grid_stats(weight: torch.Tensor, bits: int) -> tuple[float, float]:
@@ -42,7 +49,7 @@ def grid_stats(weight: torch.Tensor, bits: int) -> tuple[float, float]:
 def layer_rows(gm: torch.nn.Module, bits: int) -> list[dict]:
     """One row per conv/linear of ``gm``, with the split's effect where it applies."""
     split = copy.deepcopy(gm)
-    split_identity(split)
+    split_identity(split, only=[n for n, m in gm.named_modules() if isinstance(m, nn.Conv2d) and identity_taps(m)])
     rows = []
     for name, mod in gm.named_modules():
         if not isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -65,7 +72,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/identity_taps.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    samples = torch.from_numpy(np.load(ensure_calib_set(1024, 0))["x"][:32])
+    calib = torch.from_numpy(np.load(ensure_calib_set(1024, 0))["x"])
+    samples = calib[:32]
     console = Console(width=150)
     payload = {"bits": args.bits, "models": {}}
     for spec in args.models.split(","):
@@ -73,17 +81,30 @@ def main() -> None:
         loaded = load_model(ensure_model(arch, epochs, warmup) / "model.safetensors")
         gm, _ = fuse_model(loaded.module, samples)
         rows = layer_rows(gm, args.bits)
+        for profile in PROFILES:
+            errors = layer_split_errors(gm, calib, QuantConfig(profile, args.bits, 8))
+            chosen = choose_identity_splits(errors)
+            for r in rows:
+                if r["layer"] in errors:
+                    plain, split = errors[r["layer"]]
+                    r[f"output_error_{profile}"] = {"plain": plain, "split": split, "chosen": r["layer"] in chosen}
         payload["models"][arch] = rows
-        table = Table(title=f"{arch}: fused weights on the {args.bits}-bit per-channel min-max grid")
-        for col in ("layer", "shape", "centre tap is max", "zero", "rel. error", "split: zero", "split: rel. error"):
+        table = Table(title=f"{arch}: fused weights on the {args.bits}-bit per-channel min-max grid; output error "
+                            "without / with the split per profile (* = split)")
+        for col in ("layer", "shape", "centre tap is max", "zero", "rel. error", "split: zero", "split: rel. error",
+                    *(f"{p} ratio" for p in PROFILES)):
             table.add_column(col, justify="left" if col == "layer" else "right")
         for r in rows:
             split = "split_rel_error" in r
+            ratios = []
+            for profile in PROFILES:
+                e = r.get(f"output_error_{profile}")
+                ratios.append(f"{e['plain'] / max(e['split'], 1e-30):.1f}{'*' if e['chosen'] else ''}" if e else "-")
             table.add_row(r["layer"], "x".join(map(str, r["shape"])),
                           f"{r['centre_is_max']:.0%}" if "centre_is_max" in r else "-",
                           f"{r['zero_fraction']:.0%}", f"{r['rel_error']:.2%}",
                           f"{r['split_zero_fraction']:.0%}" if split else "-",
-                          f"{r['split_rel_error']:.2%}" if split else "-")
+                          f"{r['split_rel_error']:.2%}" if split else "-", *ratios)
         console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")

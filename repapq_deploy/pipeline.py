@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from repapq_deploy.export.onnx import INPUT_NAME, reference_session
 from repapq_deploy.load import LoadedModel, load_model, zip_names
 from repapq_deploy.manifest import Manifest
 from repapq_deploy.progress import log
+from repapq_deploy.quant.identity_split import choose_identity_splits, layer_split_errors
 from repapq_deploy.quant.placement import QuantizedModel, quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
@@ -303,13 +304,24 @@ class Build:
     def _run_calibrate(self) -> dict:
         o = self.opts
         torch.manual_seed(o.seed)
-        qm = quantize_model(self.fused, self.qconfig)
+        qconfig = self.qconfig
+        if qconfig.split_identity:
+            errors = layer_split_errors(self.fused, self.calib_data.x, qconfig, o.batch_size)
+            qconfig = replace(qconfig, split_layers=choose_identity_splits(errors))
+            log(f"  identity split: {len(qconfig.split_layers)} of {len(errors)} candidate convs "
+                f"(where it at least halves the output error)")
+        qm = quantize_model(self.fused, qconfig)
         result = calibrate(qm, self.calib_data.x, o.method, o.batch_size, device=o.device, preset=o.preset,
                            seed=o.seed, overrides=self._recon_overrides())
-        save_torch({"scales": qm.scales(), "layers": qm.layer_tensors(), "config": self.qconfig.to_dict(),
+        save_torch({"scales": qm.scales(), "layers": qm.layer_tensors(), "config": qconfig.to_dict(),
                     "method": o.method}, self.out / QSTATE)
         self._qm = qm
-        return result.to_dict()
+        out = result.to_dict()
+        if qconfig.split_identity:
+            out["identity_split"] = {n: {"relative_error": plain, "relative_error_split": split,
+                                         "split": n in qconfig.split_layers}
+                                     for n, (plain, split) in errors.items()}
+        return out
 
     @property
     def qmodel(self) -> QuantizedModel:

@@ -361,7 +361,14 @@ def test_split_identity_option_decides_the_exported_graph(reparam_dir, tmp_path,
     # split: each identity block's tap is a depthwise 1x1 conv beside its kernel, joined by an Add
     assert ops["Conv"] == 9 + (EXAMPLE_SPLITS if split else 0)
     assert ops.get("Add", 0) == (EXAMPLE_SPLITS if split else 0)
-    assert torch.load(out / "qstate.pt", weights_only=True)["config"]["split_identity"] is split
+    config = torch.load(out / "qstate.pt", weights_only=True)["config"]
+    assert config["split_identity"] is split
+    # the calibrate stage measured each candidate's error with and without the split and recorded its choice
+    decided = manifest(out)["stages"]["calibrate"]["result"].get("identity_split", {})
+    assert len(decided) == (EXAMPLE_SPLITS if split else 0)
+    assert all(d["split"] and d["relative_error_split"] < d["relative_error"] for d in decided.values())
+    assert (config["split_layers"] is None) is not split
+    assert sorted(config["split_layers"] or []) == sorted(decided)
 
 
 def test_console_scripts(reparam_dir, tmp_path):

@@ -349,3 +349,55 @@ def test_scales_roundtrip_and_mismatch(example_qms) -> None:
         qm.load_scales({k: v for k, v in scales.items() if k != "act_quant_0.act"})
     message = str(info.value)
     assert "\n" not in message and "act_quant_0.act" in message and "--force" in message
+
+
+# ------------------------------------------------------------------------------ identity split decision
+
+
+def _one_conv(dominant: float) -> fx.GraphModule:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4))
+    with torch.no_grad():
+        net[1].weight[torch.arange(8), torch.arange(8), 1, 1] += dominant
+    return fx.symbolic_trace(net)
+
+
+@pytest.mark.parametrize("profile", ["onnxruntime", "tensorrt"])
+def test_split_decision_follows_the_measured_layer_error(profile: str) -> None:
+    from repapq_deploy.quant.identity_split import MIN_ERROR_RATIO, choose_identity_splits, layer_split_errors
+
+    x = torch.randn(64, 8, 8, 8)
+    for dominant, expect in ((0.0, ()), (10.0, ("1",))):
+        errors = layer_split_errors(_one_conv(dominant), x, QuantConfig(profile, 6, 8))
+        assert set(errors) == {"1"}  # the only conv that can carry an identity (the Linear cannot)
+        plain, split = errors["1"]
+        # random weights: the split only adds the shortcut's (and on ORT the main output's) rounding;
+        # a dominant centre diagonal: taking it off the weight grid pays many times over
+        assert (split * MIN_ERROR_RATIO <= plain) is bool(expect)
+        assert choose_identity_splits(errors) == expect
+
+
+def test_example_splits_every_identity_block_on_both_profiles(fused_example, calib_x) -> None:
+    from repapq_deploy.quant.identity_split import choose_identity_splits, layer_split_errors
+
+    gm, _ = fused_example
+    for profile in ("onnxruntime", "tensorrt"):
+        for bits in (8, 6):
+            errors = layer_split_errors(gm, calib_x, QuantConfig(profile, bits, 8))
+            # measured 7-230x lower output error with the split on this model
+            assert len(choose_identity_splits(errors)) == EXAMPLE_SPLITS, (profile, bits, errors)
+
+
+def test_quantize_model_splits_exactly_the_chosen_layers(fused_example, calib_x) -> None:
+    gm, _ = fused_example
+    names = [n for n, m in gm.named_modules() if isinstance(m, nn.Conv2d) and m.stride == (1, 1)
+             and m.in_channels == m.out_channels and m.kernel_size == (3, 3)]
+    assert len(names) == EXAMPLE_SPLITS
+    qm = quantize_model(gm, QuantConfig("tensorrt", 8, 8, split_layers=tuple(names[:1])))
+    assert [n for n in qm.weight_layers if n.endswith("_identity")] == [f"{names[0]}_identity"]
+    with torch.no_grad():
+        qm.set_mode("off")
+        assert torch.allclose(qm.module(calib_x[:8]), gm(calib_x[:8]), rtol=0, atol=1e-5)
+    assert QuantConfig("tensorrt", split_layers=["a"]).split_layers == ("a",)  # as read back from qstate.pt
+    with pytest.raises(DeployError, match="cannot split the identity taps of"):
+        quantize_model(gm, QuantConfig("tensorrt", 8, 8, split_layers=("stem.conv",)))

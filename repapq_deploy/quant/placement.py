@@ -227,7 +227,7 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
                           "are not supported") from exc
     gm = copy.deepcopy(gm)  # the fused model stays as it is
     if config.split_identity:
-        split_identity(gm)
+        split_identity(gm, only=config.split_layers)
     modules = dict(gm.named_modules())
     graph = gm.graph
     profile = config.scheme

@@ -84,14 +84,19 @@ PROFILES: dict[str, Profile] = {
 @dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how: profile, bit width, the bit width of the first/last layer, and whether
-    fused kernels' identity taps are split off (``reparam.split_identity``)."""
+    fused kernels' identity taps are split off (``reparam.split_identity``): in ``split_layers`` (the
+    decision the calibrate stage measures, ``quant.identity_split``) or, where that is None, in every
+    conv whose weight range the split shrinks (the data-free rule)."""
 
     profile: str = "onnxruntime"
     bits: int = 8
     first_last_bits: int = 8
     split_identity: bool = True
+    split_layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.split_layers is not None:  # a list when read back from qstate.pt
+            object.__setattr__(self, "split_layers", tuple(self.split_layers))
         if self.profile not in PROFILES:
             raise DeployError(f"--profile {self.profile}: unknown; choose one of {', '.join(PROFILES)}")
         for opt, b in (("--bits", self.bits), ("--first-last-bits", self.first_last_bits)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import inspect
 import operator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -337,9 +338,11 @@ def identity_taps(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor] | None:
     return d, rest
 
 
-def split_identity(gm: fx.GraphModule, min_gain: float = SPLIT_MIN_GAIN) -> int:
-    """Rewrite ``conv(x)`` as ``conv'(x) + d * x`` where the fused kernel's centre diagonal ``d``
-    dominates its per-channel range; return the number of convs split.
+def split_identity(gm: fx.GraphModule, min_gain: float = SPLIT_MIN_GAIN,
+                   only: Iterable[str] | None = None) -> int:
+    """Rewrite ``conv(x)`` as ``conv'(x) + d * x`` for the convs named in ``only`` or, without it,
+    where the fused kernel's centre diagonal ``d`` dominates its per-channel range (by ``min_gain``);
+    return the number of convs split.
 
     Fusing an identity (or BN-only) branch adds it to one tap per output channel, which then sets the
     channel's quantization range: in a trained RepVGG-A0 the centre tap is the channel maximum in
@@ -350,21 +353,25 @@ def split_identity(gm: fx.GraphModule, min_gain: float = SPLIT_MIN_GAIN) -> int:
     the cost is one depthwise conv and an add per split block.
     """
     modules = dict(gm.named_modules())
+    wanted = None if only is None else set(only)
     split = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(modules[node.target], nn.Conv2d):
+            continue
+        if wanted is not None and node.target not in wanted:
             continue
         conv = modules[node.target]
         taps = identity_taps(conv)
         if taps is None:
             continue
         d, rest = taps
-        rest_max = rest.abs().flatten(1).amax(1)
-        if not bool((rest_max > 0).all()):
-            continue
-        gain = conv.weight.detach().abs().flatten(1).amax(1) / rest_max
-        if float(gain.median()) < min_gain:
-            continue
+        if wanted is None:
+            rest_max = rest.abs().flatten(1).amax(1)
+            if not bool((rest_max > 0).all()):
+                continue
+            gain = conv.weight.detach().abs().flatten(1).amax(1) / rest_max
+            if float(gain.median()) < min_gain:
+                continue
         with torch.no_grad():
             conv.weight.copy_(rest)
         shortcut = layer_from_weights(d.view(-1, 1, 1, 1), None, groups=len(d))
@@ -376,6 +383,11 @@ def split_identity(gm: fx.GraphModule, min_gain: float = SPLIT_MIN_GAIN) -> int:
             total = gm.graph.call_function(operator.add, (node, short))
         node.replace_all_uses_with(total, delete_user_cb=lambda user, keep=total: user is not keep)
         split += 1
+        if wanted is not None:
+            wanted.discard(node.target)
+    if wanted:
+        raise DeployError(f"cannot split the identity taps of {sorted(wanted)[:3]}: no such conv with an "
+                          "identity-shaped kernel in this model; re-run calibrate with --force")
     gm.graph.lint()
     gm.recompile()
     return split
