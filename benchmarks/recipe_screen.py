@@ -27,6 +27,7 @@ from _reference import ensure_calib_set, ensure_holdout_set, ensure_test_set
 
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
+from repapq_deploy.quant.identity_split import choose_identity_splits, layer_split_errors
 from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 
@@ -59,11 +60,14 @@ def main() -> None:
     if recipe:
         R.RECONSTRUCTION["screened"] = replace(R.RECONSTRUCTION[method], **recipe)
         method = "screened"
-    qm = quantize_model(fused, QuantConfig(args.profile, args.bits, 8, args.split_identity))
+    config = QuantConfig(args.profile, args.bits, 8, args.split_identity)
+    if args.split_identity:  # decided on the calibration images, as build does
+        config = replace(config, split_layers=choose_identity_splits(layer_split_errors(fused, calib, config)))
+    qm = quantize_model(fused, config)
     t0 = time.perf_counter()
     calibrate(qm, calib, method, preset=args.preset)
     result = {"build": str(args.build), "profile": args.profile, "bits": args.bits, "method": args.method,
-              "split_identity": args.split_identity,
+              "split_identity": args.split_identity, "split_layers": len(config.split_layers or ()),
               "preset": args.preset, "recipe": recipe,
               "eval": f"holdout{args.holdout}" if args.holdout else "test10k",
               "calib_seconds": round(time.perf_counter() - t0, 1),

@@ -4,11 +4,12 @@ The split trades one error for another. It takes the fused identity/diagonal out
 (the centre tap that sets a RepVGG channel's range), but the shortcut ``d * x`` it creates is one more
 tensor to quantize — and under the ONNX Runtime profile the main conv's output is requantized too,
 because QLinearAdd takes two quantized inputs. Which side wins depends on the weights, the bit width
-and the profile: in a trained RepVGG-A0 the split cuts a 3x3 block's output error 5-30x under both
-profiles, while in MobileOne-S0's 1x1 convs it lowers it under the TensorRT scheme and raises it 1-4x
-under ONNX Runtime's (``benchmarks/identity_taps.py``). So each candidate conv is measured on the
-calibration images with min-max grids of the configured profile and bit widths, and split only where
-that at least halves its output error.
+and the profile (``benchmarks/identity_taps.py``, 8 and 6 bits): in a trained RepVGG-A0 the split
+cuts every 3x3 block's output error 3-180x under both profiles; in MobileOne-S0 it cuts its 1x1
+convs' error up to 20x under the TensorRT scheme, changes it by 0.2-1.5x under ONNX Runtime's (where
+the requantized main output eats the gain), and always hurts its depthwise 3x3 convs. So each
+candidate conv is measured on the calibration images with min-max grids of the configured profile
+and bit widths, and split only where that at least halves its output error.
 """
 
 from __future__ import annotations
