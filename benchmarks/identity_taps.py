@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from repapq_deploy.load import load_model
-from repapq_deploy.quant.identity_split import choose_identity_splits, layer_split_errors
+from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
 from repapq_deploy.reparam.fuse import identity_taps, split_identity
@@ -82,8 +82,8 @@ def main() -> None:
         gm, _ = fuse_model(loaded.module, samples)
         rows = layer_rows(gm, args.bits)
         for profile in PROFILES:
-            errors = layer_split_errors(gm, calib, QuantConfig(profile, args.bits, 8))
-            chosen = choose_identity_splits(errors)
+            config, errors = decide_identity_split(gm, calib, QuantConfig(profile, args.bits, 8))
+            chosen = config.split_layers
             for r in rows:
                 if r["layer"] in errors:
                     plain, split = errors[r["layer"]]

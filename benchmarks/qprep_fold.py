@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from repapq_deploy.environment import hardware, versions
 from repapq_deploy.export import export_qdq
 from repapq_deploy.export.onnx import reference_session
 from repapq_deploy.load import load_model
-from repapq_deploy.quant.identity_split import choose_identity_splits, layer_split_errors
+from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import QuantizedModel, quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
@@ -66,9 +65,8 @@ def main() -> None:
     rows = []
     for profile in ("tensorrt", "onnxruntime"):
         for bits in (8, 6):
-            config = QuantConfig(profile, bits, 8)
             # the identity split decided on the calibration images, as build does
-            config = replace(config, split_layers=choose_identity_splits(layer_split_errors(fused, x, config)))
+            config, _ = decide_identity_split(fused, x, QuantConfig(profile, bits, 8))
             qm = quantize_model(fused, config)
             calibrate(qm, x, "repapq", preset="check", overrides={"fold": False})  # keep the affine layers
             rows.append({"profile": profile, "bits": bits, **check(qm, x)})

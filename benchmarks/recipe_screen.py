@@ -27,7 +27,7 @@ from _reference import ensure_calib_set, ensure_holdout_set, ensure_test_set
 
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
-from repapq_deploy.quant.identity_split import choose_identity_splits, layer_split_errors
+from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 
@@ -60,9 +60,8 @@ def main() -> None:
     if recipe:
         R.RECONSTRUCTION["screened"] = replace(R.RECONSTRUCTION[method], **recipe)
         method = "screened"
-    config = QuantConfig(args.profile, args.bits, 8, args.split_identity)
-    if args.split_identity:  # decided on the calibration images, as build does
-        config = replace(config, split_layers=choose_identity_splits(layer_split_errors(fused, calib, config)))
+    # the identity split decided on the calibration images, as build does
+    config, _ = decide_identity_split(fused, calib, QuantConfig(args.profile, args.bits, 8, args.split_identity))
     qm = quantize_model(fused, config)
     t0 = time.perf_counter()
     calibrate(qm, calib, method, preset=args.preset)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from repapq_deploy.export.onnx import INPUT_NAME, reference_session
 from repapq_deploy.load import LoadedModel, load_model, zip_names
 from repapq_deploy.manifest import Manifest
 from repapq_deploy.progress import log
-from repapq_deploy.quant.identity_split import choose_identity_splits, layer_split_errors
+from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import QuantizedModel, quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
@@ -304,10 +304,8 @@ class Build:
     def _run_calibrate(self) -> dict:
         o = self.opts
         torch.manual_seed(o.seed)
-        qconfig = self.qconfig
+        qconfig, errors = decide_identity_split(self.fused, self.calib_data.x, self.qconfig, o.batch_size)
         if qconfig.split_identity:
-            errors = layer_split_errors(self.fused, self.calib_data.x, qconfig, o.batch_size)
-            qconfig = replace(qconfig, split_layers=choose_identity_splits(errors))
             log(f"  identity split: {len(qconfig.split_layers)} of {len(errors)} candidate convs "
                 f"(where it at least halves the output error)")
         qm = quantize_model(self.fused, qconfig)

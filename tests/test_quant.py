@@ -364,7 +364,12 @@ def _one_conv(dominant: float) -> fx.GraphModule:
 
 @pytest.mark.parametrize("profile", ["onnxruntime", "tensorrt"])
 def test_split_decision_follows_the_measured_layer_error(profile: str) -> None:
-    from repapq_deploy.quant.identity_split import MIN_ERROR_RATIO, choose_identity_splits, layer_split_errors
+    from repapq_deploy.quant.identity_split import (
+        MIN_ERROR_RATIO,
+        choose_identity_splits,
+        decide_identity_split,
+        layer_split_errors,
+    )
 
     x = torch.randn(64, 8, 8, 8)
     for dominant, expect in ((0.0, ()), (10.0, ("1",))):
@@ -375,6 +380,10 @@ def test_split_decision_follows_the_measured_layer_error(profile: str) -> None:
         # a dominant centre diagonal: taking it off the weight grid pays many times over
         assert (split * MIN_ERROR_RATIO <= plain) is bool(expect)
         assert choose_identity_splits(errors) == expect
+        decided, same = decide_identity_split(_one_conv(dominant), x, QuantConfig(profile, 6, 8))
+        assert decided.split_layers == expect and same == errors
+    off = QuantConfig(profile, 6, 8, split_identity=False)
+    assert decide_identity_split(_one_conv(10.0), x, off) == (off, {})  # nothing measured, nothing split
 
 
 def test_example_splits_every_identity_block_on_both_profiles(fused_example, calib_x) -> None:

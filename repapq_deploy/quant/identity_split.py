@@ -14,6 +14,8 @@ and bit widths, and split only where that at least halves its output error.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -61,25 +63,28 @@ def layer_split_errors(fused: nn.Module, data: torch.Tensor, config: QuantConfig
     # pass 2: summed squared errors and the reference's squared sum
     sums: dict[str, list[float]] = {name: [0.0, 0.0, 0.0] for name in candidates}
 
+    both = config.scheme.add_quantizes_both_inputs
+
     def hook(name: str, second: bool):
         conv, (d, rest) = candidates[name]
         bits = config.first_last_bits if name in edge else config.bits
-        wfmt = config.scheme.weight_format(bits)
-        both = config.scheme.add_quantizes_both_inputs
+        if second:  # the weight grids do not change from batch to batch
+            wfmt = config.scheme.weight_format(bits)
+            w_plain, w_rest = _weight_quant(conv.weight, wfmt), _weight_quant(rest, wfmt)
 
         def run(mod, inputs, out):
             x = inputs[0]
             r = ranges[name]
             if not second:
                 r[0], r[1] = max(r[0], float(x.abs().max())), min(r[1], float(x.min()))
-                main = mod._conv_forward(x, rest, mod.bias)
-                short = x * d.view(1, -1, 1, 1)
-                r[2], r[3] = max(r[2], float(main.abs().max())), max(r[3], float(short.abs().max()))
+                if both:  # only ONNX Runtime quantizes the main conv's output
+                    r[2] = max(r[2], float(mod._conv_forward(x, rest, mod.bias).abs().max()))
+                r[3] = max(r[3], float((x * d.view(1, -1, 1, 1)).abs().max()))
                 return
             xq = _act_quant(x, r[0], r[1] >= 0, config, bits)
             ref = mod._conv_forward(xq, mod.weight, mod.bias)
-            plain = mod._conv_forward(xq, _weight_quant(mod.weight, wfmt), mod.bias)
-            main = mod._conv_forward(xq, _weight_quant(rest, wfmt), mod.bias)
+            plain = mod._conv_forward(xq, w_plain, mod.bias)
+            main = mod._conv_forward(xq, w_rest, mod.bias)
             short = xq * d.view(1, -1, 1, 1)
             nonneg_short = r[1] >= 0 and bool((d >= 0).all())
             split = ((_act_quant(main, r[2], False, config, bits) if both else main)
@@ -105,3 +110,13 @@ def choose_identity_splits(errors: dict[str, tuple[float, float]]) -> tuple[str,
     """The convs to split, from :func:`layer_split_errors`: those whose output error the split at
     least halves (``MIN_ERROR_RATIO``)."""
     return tuple(name for name, (plain, split) in errors.items() if split * MIN_ERROR_RATIO <= plain)
+
+
+def decide_identity_split(fused: nn.Module, data: torch.Tensor, config: QuantConfig,
+                          batch_size: int = 32) -> tuple[QuantConfig, dict[str, tuple[float, float]]]:
+    """``config`` with ``split_layers`` measured on ``data`` (what the calibrate stage records), and
+    the :func:`layer_split_errors` behind it; ``config`` unchanged when it does not split."""
+    if not config.split_identity:
+        return config, {}
+    errors = layer_split_errors(fused, data, config, batch_size)
+    return replace(config, split_layers=choose_identity_splits(errors)), errors
