@@ -35,11 +35,13 @@ def model_name(arch: str, epochs: int, warmup: float | None = None) -> str:
 
 def ensure_model(arch: str, epochs: int, warmup: float | None = None) -> Path:
     """Train ``arch`` for ``epochs`` (one-cycle warm-up of ``warmup`` epochs; default 15 %) unless a
-    cached checkpoint exists; return its folder."""
+    cached checkpoint exists; return its folder. Training runs channels-last (2x faster for MobileOne on
+    the CPU); checkpoints cached before that option existed were trained contiguous (their metadata has
+    no ``memory_format``)."""
     folder = CACHE / model_name(arch, epochs, warmup)
     if not (folder / "model.safetensors").exists():
         cmd = [sys.executable, str(ROOT / "examples/fashion_mnist/train.py"), "--arch", arch,
-               "--epochs", str(epochs), "--out", str(folder)]
+               "--epochs", str(epochs), "--out", str(folder), "--channels-last"]
         subprocess.run(cmd + ([] if warmup is None else ["--warmup-epochs", f"{warmup:g}"]), check=True)
     return folder
 

@@ -1,7 +1,7 @@
 """Train the bundled example (a small RepVGG on Fashion-MNIST) and write its data files.
 
     python examples/fashion_mnist/train.py [--arch repvgg_nano] [--epochs 15] [--out DIR] [--device cpu|cuda]
-        [--warmup-epochs E] [--batch N] [--lr LR]
+        [--warmup-epochs E] [--batch N] [--lr LR] [--channels-last]
 
 Writes ``model.safetensors`` (multi-branch, unfused weights; arch/classes/input size in the file's
 metadata), ``calib.npz`` (256 training images) and ``eval.npz`` (1000 test images, with labels).
@@ -27,11 +27,13 @@ from repapq_deploy.data import fashion_mnist as fm
 
 
 def train(arch: str, epochs: int, seed: int, batch: int = 128, size: int = 32,
-          device: str = "cpu", warmup_epochs: float | None = None, lr: float = 2e-3) -> tuple[torch.nn.Module, float]:
+          device: str = "cpu", warmup_epochs: float | None = None, lr: float = 2e-3,
+          channels_last: bool = False) -> tuple[torch.nn.Module, float]:
     """Train ``arch`` on the Fashion-MNIST training set; return the model (on the CPU) and its test top-1 (%).
 
     The learning rate follows a one-cycle schedule whose warm-up takes 15 % of the run unless
-    ``warmup_epochs`` says otherwise.
+    ``warmup_epochs`` says otherwise. ``channels_last`` trains in that memory format: about 2x faster
+    for MobileOne's depthwise convs on the CPU, same maths up to float rounding order.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -40,6 +42,8 @@ def train(arch: str, epochs: int, seed: int, batch: int = 128, size: int = 32,
     xtr_t = torch.from_numpy(fm.to_model_input(xtr, size)).to(device)
     ytr_t = torch.from_numpy(ytr).to(device)
     model = timm.create_model(arch, num_classes=10, in_chans=1).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * (len(xtr_t) // batch)
     # Deep plain stacks (MobileOne) barely move at the warm-up's starting rate (max_lr / 25), so a
@@ -61,7 +65,7 @@ def train(arch: str, epochs: int, seed: int, batch: int = 128, size: int = 32,
             x = x[:, :, dy:dy + size, dx:dx + size]
             if rng.random() < 0.5:
                 x = x.flip(-1)
-            loss = F.cross_entropy(model(x), ytr_t[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(x.contiguous(memory_format=fmt)), ytr_t[idx], label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -70,7 +74,7 @@ def train(arch: str, epochs: int, seed: int, batch: int = 128, size: int = 32,
         acc = evaluate(model, xte, yte, size, device)
         print(f"epoch {epoch + 1}/{epochs} loss {float(total) / (i + 1):.4f} test top-1 {acc:.2f}% "
               f"({time.time() - t0:.0f}s)", flush=True)
-    return model.eval().cpu(), acc
+    return model.eval().cpu().to(memory_format=torch.contiguous_format), acc
 
 
 @torch.no_grad()
@@ -93,16 +97,18 @@ def main() -> None:
                     help="learning-rate warm-up length (default: 15 %% of the run)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="train in channels-last memory format (about 2x faster for MobileOne on the CPU)")
     args = ap.parse_args()
     model, acc = train(args.arch, args.epochs, args.seed, batch=args.batch, device=args.device,
-                       warmup_epochs=args.warmup_epochs, lr=args.lr)
+                       warmup_epochs=args.warmup_epochs, lr=args.lr, channels_last=args.channels_last)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"arch": args.arch, "num_classes": "10", "in_chans": "1", "input_size": "1,32,32",
             "mean": json.dumps([fm.MEAN]), "std": json.dumps([fm.STD]),
             "dataset": "fashion-mnist", "test_top1": f"{acc:.2f}", "epochs": str(args.epochs),
             "warmup_epochs": "15%" if args.warmup_epochs is None else str(args.warmup_epochs),
             "batch": str(args.batch), "lr": str(args.lr),
-            "trained_on": args.device}
+            "trained_on": args.device, "memory_format": "channels_last" if args.channels_last else "contiguous"}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(args.out / "model.safetensors"), metadata=meta)
     rng = np.random.default_rng(args.seed)
