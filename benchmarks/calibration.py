@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--split-identity", action=argparse.BooleanOptionalAction, default=True,
                     help="build's --split-identity (off: the plain fused graph; builds go to a separate folder)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where calibration runs")
+    ap.add_argument("--add-bits", type=int, choices=[8, 6], default=8,
+                    help="grid of the tensors only an Add reads (build --add-bits)")
     ap.add_argument("--merge", action="store_true",
                     help="replace only the rows run now in an existing <arch>.json, keep the others")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration"))
@@ -218,7 +220,8 @@ def main() -> None:
                                             + ("" if args.split_identity else "-nosplit"))
         common = {"model": str(model), "calib": str(calib), "calib_count": None, "eval": str(test),
                   "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed, "device": args.device,
-                  "threads": 1 if args.jobs > 1 else None, "split_identity": args.split_identity}
+                  "threads": 1 if args.jobs > 1 else None, "split_identity": args.split_identity,
+                  "add_bits": args.add_bits}
         todo = plan(args.methods.split(","), args.presets.split(","), args.brecq_presets.split(","), settings)
         specs = []
         for row in todo:
@@ -236,7 +239,7 @@ def main() -> None:
                                    "profile": profile, "bits": bits, "first_last_bits": fl}, change))
         console.print(f"{arch}: {len(specs)} builds, {args.jobs} at a time")
         measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        rows = [{**row, **r, "device": args.device, "split_identity": args.split_identity}
+        rows = [{**row, **r, "device": args.device, "split_identity": args.split_identity, "add_bits": args.add_bits}
                 for row, r in zip(todo, run_builds(specs, args.jobs), strict=True)]
         fp32 = rows[0]["fp32"]
         if args.peers:
@@ -270,13 +273,20 @@ def report(arch: str, epochs: int, warmup: float | None, fp32: float, rows: list
     for col in cols:
         table.add_column(col, justify="right")
     md = [f"FP32: {fp32:.2f} %", "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    strict = False
     for r in rows:
         mem = f"{r['peak_memory_mib']:.0f}" if r.get("peak_memory_mib") else "-"
+        # W6A6 rows measured before --add-bits existed quantized the Add-only tensors at 6 bits too
+        mark = " †" if r.get("bits") == 6 and r.get("add_bits", 6) == 6 else ""
+        strict |= bool(mark)
         se = f"{r['drop_se_pp']:.2f}" if r.get("drop_se_pp") is not None else "-"
-        cells = (r["method"], r["preset"], r["setting"], r["profile"], f"{r['top1']:.2f}", f"{fp32 - r['top1']:+.2f}",
-                 se, f"{r['calib_seconds']:.1f}", mem)
+        cells = (r["method"], r["preset"], r["setting"] + mark, r["profile"], f"{r['top1']:.2f}",
+                 f"{fp32 - r['top1']:+.2f}", se, f"{r['calib_seconds']:.1f}", mem)
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
+    if strict:
+        md += ["", "† measured with the tensors that only an Add reads on the 6-bit grid too (`--add-bits 6`, "
+                   "the only placement before session 7)"]
     Console().print(table)
     payload = {"arch": arch, "epochs": epochs, "warmup_epochs": warmup, "calib_images": args.calib_count,
                "eval_images": 10000,

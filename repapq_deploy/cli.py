@@ -59,6 +59,9 @@ def build_options(fn):
                      help="Weight and activation bits; 6 is emulated exactly on INT8 kernels."),
         click.option("--first-last-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
                      help="Bits of the first conv and the classifier."),
+        click.option("--add-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
+                     help="Bits of tensors quantized only because an integer Add needs them (no weighted "
+                          "layer reads them); 6 makes --bits 6 quantize those too."),
         click.option("--split-identity/--no-split-identity", default=True, show_default=True,
                      help="Keep each fused kernel's dominant identity tap as a depthwise 1x1 conv beside it, "
                           "so it does not set the kernel's quantization range (one extra conv and add per "
@@ -115,6 +118,7 @@ def _run(until: str, kwargs: dict) -> None:
     kwargs["eval"] = kwargs.pop("eval_")
     kwargs["bits"] = int(kwargs["bits"])
     kwargs["first_last_bits"] = int(kwargs["first_last_bits"])
+    kwargs["add_bits"] = int(kwargs["add_bits"])
     if kwargs["bits"] == 8:
         kwargs["first_last_bits"] = 8
     build = Build(BuildOptions(**kwargs))

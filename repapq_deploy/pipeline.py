@@ -86,6 +86,7 @@ class BuildOptions:
     eval_count: int | None = None
     bits: int = 8
     first_last_bits: int = 8
+    add_bits: int = 8
     split_identity: bool = True
     method: str = "repapq"
     preset: str = "default"
@@ -128,7 +129,8 @@ class Build:
         self._check_out_dir()
         limit_threads(opts.threads)
         self.engine_backend, self.profile = resolve_backend(opts.backend, opts.profile)
-        self.qconfig = QuantConfig(self.profile, opts.bits, opts.first_last_bits, opts.split_identity)
+        self.qconfig = QuantConfig(self.profile, opts.bits, opts.first_last_bits, opts.split_identity,
+                                   add_bits=opts.add_bits)
         self.manifest = Manifest(self.out / MANIFEST, versions())
         self.results: dict[str, dict] = {}
         self._fused: torch.nn.Module | None = None

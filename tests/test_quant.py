@@ -151,6 +151,7 @@ def test_fake_quant_straight_through_gradient() -> None:
 @pytest.mark.parametrize(("kwargs", "option"), [
     ({"bits": 4}, "--bits 4"),
     ({"first_last_bits": 4}, "--first-last-bits 4"),
+    ({"add_bits": 7}, "--add-bits 7"),
     ({"profile": "tflite"}, "--profile tflite"),
 ])
 def test_quant_config_rejects(kwargs: dict, option: str) -> None:
@@ -235,15 +236,17 @@ def test_tensorrt_profile_is_all_signed(example_qms) -> None:
     # at 6 bits the post-ReLU tensors use [0, 63], still stored (and exported) as int8
     six = example_qms[("tensorrt", 6)]
     formats = Counter(q.fmt for q in six.act_quantizers.values() if q.fmt.bits == 6)
-    # the split shortcuts (signed, the add's quantized input) keep [-32, 31]
-    assert formats == {IntFormat(6, False, int8_storage=True): 9, IntFormat(6, True): EXAMPLE_SPLITS}
+    # the split shortcuts (signed, read only by the add) stay on the int8 grid
+    assert formats == {IntFormat(6, False, int8_storage=True): 9}
+    assert Counter(q.fmt for q in six.act_quantizers.values() if q.fmt.bits == 8)[IntFormat(8, True)] \
+        == EXAMPLE_SPLITS + 2  # + the network input and the classifier's input
     assert all(q.fmt.storage_signed for q in six.act_quantizers.values())
     assert all(layer.input_quantizer is None for layer in qm.weight_layers.values())  # float biases
     assert not any(q.integer_clip for q in qm.act_quantizers.values())  # INT6 clips in float, before Q
 
 
 @pytest.mark.parametrize("profile", ["onnxruntime", "tensorrt"])
-def test_six_bit_with_eight_bit_first_and_last(example_qms, profile: str) -> None:
+def test_six_bit_with_eight_bit_first_and_last(fused_example, example_qms, profile: str) -> None:
     qm = example_qms[(profile, 6)]
     first, last = "stem.reparam_conv", "head.fc"
     assert list(qm.weight_layers)[0] == first and list(qm.weight_layers)[-1] == last
@@ -251,8 +254,19 @@ def test_six_bit_with_eight_bit_first_and_last(example_qms, profile: str) -> Non
         bits = 8 if name in (first, last) else 6
         assert layer.weight_quantizer.fmt == IntFormat(bits, True, narrow=True), name
         assert _input_quantizer_of(qm, name).fmt.bits == bits, name
+    # tensors only an Add reads (the split shortcuts; on ONNX Runtime also the main conv outputs)
+    # keep the int8 grid by default ...
+    add_only = [n for n in _act_calls(qm) if all(_is_add(u) for u in n.users)]
+    assert len(add_only) == EXAMPLE_SPLITS * (2 if profile == "onnxruntime" else 1)
+    assert all(qm.act_quantizers[n.target].fmt.bits == 8 for n in add_only)
     bits = sorted(q.fmt.bits for q in qm.act_quantizers.values())
-    assert bits == [6] * (example_act_quantizers(profile) - 2) + [8] * 2
+    n = example_act_quantizers(profile)
+    assert bits == [6] * (n - 2 - len(add_only)) + [8] * (2 + len(add_only))
+    # ... and go to 6 bits with add_bits=6, every weighted layer's input unchanged
+    strict = quantize_model(fused_example[0], QuantConfig(profile, 6, 8, add_bits=6))
+    assert sorted(q.fmt.bits for q in strict.act_quantizers.values()) == [6] * (n - 2) + [8] * 2
+    for name in strict.weight_layers:
+        assert _input_quantizer_of(strict, name).fmt.bits == (8 if name in (first, last) else 6), name
 
 
 @pytest.fixture(scope="module")
@@ -262,8 +276,11 @@ def resnet_qms(fused_resnet18) -> dict[str, QuantizedModel]:
 
 
 def _adds(qm: QuantizedModel) -> list[fx.Node]:
-    return [n for n in qm.module.graph.nodes
-            if n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add)]
+    return [n for n in qm.module.graph.nodes if _is_add(n)]
+
+
+def _is_add(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
 
 
 def _is_act_quant(qm: QuantizedModel, arg) -> bool:

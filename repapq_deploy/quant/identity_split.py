@@ -68,6 +68,7 @@ def layer_split_errors(fused: nn.Module, data: torch.Tensor, config: QuantConfig
     def hook(name: str, second: bool):
         conv, (d, rest) = candidates[name]
         bits = config.first_last_bits if name in edge else config.bits
+        add_bits = max(bits, config.add_bits)  # the main output and shortcut feed only the Add
         if second:  # the weight grids do not change from batch to batch
             wfmt = config.scheme.weight_format(bits)
             w_plain, w_rest = _weight_quant(conv.weight, wfmt), _weight_quant(rest, wfmt)
@@ -87,8 +88,8 @@ def layer_split_errors(fused: nn.Module, data: torch.Tensor, config: QuantConfig
             main = mod._conv_forward(xq, w_rest, mod.bias)
             short = xq * d.view(1, -1, 1, 1)
             nonneg_short = r[1] >= 0 and bool((d >= 0).all())
-            split = ((_act_quant(main, r[2], False, config, bits) if both else main)
-                     + _act_quant(short, r[3], nonneg_short, config, bits))
+            split = ((_act_quant(main, r[2], False, config, add_bits) if both else main)
+                     + _act_quant(short, r[3], nonneg_short, config, add_bits))
             s = sums[name]
             s[0] += float(F.mse_loss(plain, ref, reduction="sum"))
             s[1] += float(F.mse_loss(split, ref, reduction="sum"))

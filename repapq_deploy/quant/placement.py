@@ -286,6 +286,10 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
             return existing_quantizer(t.args[0])
         return None
 
+    def feeds_weighted(t: fx.Node) -> bool:
+        return any(op_kind(u, modules) in ("conv", "linear")
+                   or (op_kind(u, modules) in ("maxpool", "pad") and feeds_weighted(u)) for u in t.users)
+
     for node in nodes:
         kind = op_kind(node, modules)
         rule = PLACEMENT.get(kind)
@@ -311,7 +315,11 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
         for pos in rule(node, profile, modules):
             src = node.args[pos]
             if isinstance(src, fx.Node):
-                qn = quantized(src, bits)
+                # A tensor that no weighted layer reads is quantized only because the engine's
+                # integer Add needs it (ONNX Runtime's QLinearAdd; TensorRT's fused shortcut): W6A6
+                # means 6-bit inputs to the weighted layers, and such a tensor keeps add_bits.
+                add_only = kind == "add" and not feeds_weighted(src)
+                qn = quantized(src, max(bits, config.add_bits) if add_only else bits)
                 node.update_arg(pos, qn)
                 if kind in ("conv", "linear") and profile.int32_bias:
                     qm.weight_layers[node.target].attach_input_quantizer(modules[qn.target])

@@ -93,13 +93,16 @@ class QuantConfig:
     first_last_bits: int = 8
     split_identity: bool = True
     split_layers: tuple[str, ...] | None = None
+    # the grid of tensors quantized only because an integer Add needs them (never a conv's input)
+    add_bits: int = 8
 
     def __post_init__(self) -> None:
         if self.split_layers is not None:  # a list when read back from qstate.pt
             object.__setattr__(self, "split_layers", tuple(self.split_layers))
         if self.profile not in PROFILES:
             raise DeployError(f"--profile {self.profile}: unknown; choose one of {', '.join(PROFILES)}")
-        for opt, b in (("--bits", self.bits), ("--first-last-bits", self.first_last_bits)):
+        for opt, b in (("--bits", self.bits), ("--first-last-bits", self.first_last_bits),
+                       ("--add-bits", self.add_bits)):
             if b not in (6, 8):
                 raise DeployError(f"{opt} {b}: unsupported; use 8, or 6 (emulated on 8-bit kernels)")
 
