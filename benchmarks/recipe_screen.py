@@ -1,7 +1,7 @@
 """Screen calibration recipes quickly: fake-quant top-1 on the full Fashion-MNIST test set, no export.
 
     python benchmarks/recipe_screen.py BUILD_DIR --profile tensorrt --bits 8 --method repapq --preset fast \
-        [--recipe '{"adaround": true}'] [--split] [--holdout 10000] [--no-split-identity]
+        [--recipe '{"adaround": true}'] [--split] [--holdout 10000] [--no-split-identity] [--add-bits 8|6]
 
 ``BUILD_DIR`` is a build folder of ``benchmarks/calibration.py`` (its ``fused.pt`` is used), e.g.
 ``~/.cache/repapq-deploy/fmnist/calibration/repvgg_a0-e15/minmax---tensorrt-w8-fl8``. ``--recipe``
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--split", action="store_true")
     ap.add_argument("--split-identity", action=argparse.BooleanOptionalAction, default=True,
                     help="split fused kernels' identity taps off before quantizing (build's default)")
+    ap.add_argument("--add-bits", type=int, choices=[8, 6], default=8, help="build's --add-bits")
     ap.add_argument("--calib-count", type=int, default=1024)
     ap.add_argument("--holdout", type=int, default=0, help="evaluate on this many held-out training images")
     args = ap.parse_args()
@@ -61,12 +62,14 @@ def main() -> None:
         R.RECONSTRUCTION["screened"] = replace(R.RECONSTRUCTION[method], **recipe)
         method = "screened"
     # the identity split decided on the calibration images, as build does
-    config, _ = decide_identity_split(fused, calib, QuantConfig(args.profile, args.bits, 8, args.split_identity))
+    config, _ = decide_identity_split(fused, calib, QuantConfig(args.profile, args.bits, 8, args.split_identity,
+                                                                  add_bits=args.add_bits))
     qm = quantize_model(fused, config)
     t0 = time.perf_counter()
     calibrate(qm, calib, method, preset=args.preset)
     result = {"build": str(args.build), "profile": args.profile, "bits": args.bits, "method": args.method,
               "split_identity": args.split_identity, "split_layers": len(config.split_layers or ()),
+              "add_bits": args.add_bits,
               "preset": args.preset, "recipe": recipe,
               "eval": f"holdout{args.holdout}" if args.holdout else "test10k",
               "calib_seconds": round(time.perf_counter() - t0, 1),

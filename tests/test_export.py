@@ -68,6 +68,12 @@ def exported(tmp_path_factory, fused_example, calib_x) -> dict[tuple[str, int], 
         path = root / f"{profile}-int{bits}.onnx"
         export_qdq(qm, calib_x, path)
         out[(profile, bits)] = (qm, Graph(path))
+    for profile in ("tensorrt", "onnxruntime"):  # W6A6 with the add-only tensors on the 6-bit grid too
+        qm = quantize_model(gm, QuantConfig(profile, 6, 8, add_bits=6))
+        calibrate(qm, calib_x[:32], "percentile")
+        path = root / f"{profile}-int6-add6.onnx"
+        export_qdq(qm, calib_x, path)
+        out[(profile, "6-add6")] = (qm, Graph(path))
     return out
 
 
@@ -196,11 +202,13 @@ def test_tensorrt_uses_no_uint8(exported, bits: int) -> None:
         assert g.init(node.input[2]).dtype == np.int8, node.name
 
 
-def test_tensorrt_int6_is_emulated_with_a_float_clip(exported) -> None:
-    qm, g = exported[("tensorrt", 6)]
+@pytest.mark.parametrize(("key", "six_bit_shortcuts"), [(6, 0), ("6-add6", EXAMPLE_SPLITS)])
+def test_tensorrt_int6_is_emulated_with_a_float_clip(exported, key, six_bit_shortcuts: int) -> None:
+    qm, g = exported[("tensorrt", key)]
     clips = g.of("Clip")
     emulated = [q for q in qm.act_quantizers.values() if q.fmt.emulated]
-    assert len(clips) == len(emulated) == 9 + EXAMPLE_SPLITS
+    # the split shortcuts are 6-bit only with add_bits=6 (by default only the add reads them: int8)
+    assert len(clips) == len(emulated) == 9 + six_bit_shortcuts
     assert not [c for c in clips if g.producer_op(c.input[0]) == "Relu"], "Relu -> Clip not merged"
     assert g.of("Relu") == []  # every 6-bit ReLU output of the example: merged into its Clip
     unsigned = 0
@@ -221,10 +229,11 @@ def test_tensorrt_int6_is_emulated_with_a_float_clip(exported) -> None:
     assert unsigned == 9
 
 
-def test_onnxruntime_int6_is_emulated_with_an_integer_clip(exported) -> None:
-    qm, g = exported[("onnxruntime", 6)]
+@pytest.mark.parametrize(("key", "six_bit_add_inputs"), [(6, 0), ("6-add6", 2 * EXAMPLE_SPLITS)])
+def test_onnxruntime_int6_is_emulated_with_an_integer_clip(exported, key, six_bit_add_inputs: int) -> None:
+    qm, g = exported[("onnxruntime", key)]
     clips = g.of("Clip")
-    assert len(clips) == sum(q.fmt.emulated for q in qm.act_quantizers.values()) == 9 + 2 * EXAMPLE_SPLITS
+    assert len(clips) == sum(q.fmt.emulated for q in qm.act_quantizers.values()) == 9 + six_bit_add_inputs
     for clip in clips:
         # Q -> Clip(uint8 0, 63) -> DQ: ONNX Runtime still fuses DQ-Conv-Q into QLinearConv around it
         assert g.producer_op(clip.input[0]) == "QuantizeLinear"
@@ -234,7 +243,7 @@ def test_onnxruntime_int6_is_emulated_with_an_integer_clip(exported) -> None:
         assert lo.dtype == hi.dtype == np.uint8
     # post-ReLU tensors [0, 63]; the split adds' signed inputs [-32, 31] around zero point 128
     ranges = Counter((g.init(c.input[1]).item(), g.init(c.input[2]).item()) for c in clips)
-    assert ranges == {(0, 63): 9, (96, 159): 2 * EXAMPLE_SPLITS}
+    assert ranges == {(0, 63): 9, **({(96, 159): six_bit_add_inputs} if six_bit_add_inputs else {})}
     assert len(g.of("Relu")) == 9  # float ReLUs stay: ORT fuses them into QLinearConv
 
 
