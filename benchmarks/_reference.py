@@ -17,7 +17,7 @@ from repapq_deploy.data import fashion_mnist as fm
 CACHE = Path.home() / ".cache" / "repapq-deploy" / "fmnist"
 ROOT = Path(__file__).resolve().parents[1]
 # the reference models of the calibration benchmark (ARCH:EPOCHS[:wWARMUP]; see parse_model_spec)
-DEFAULT_MODELS = "repvgg_a0:15,mobileone_s0:4"
+DEFAULT_MODELS = "repvgg_a0:15,mobileone_s0:15:w1"
 
 
 def parse_model_spec(spec: str) -> tuple[str, int, float | None]:

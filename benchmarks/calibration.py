@@ -1,6 +1,6 @@
 """Every calibration method, the RepAPQ ablations and the peers on the Fashion-MNIST reference models.
 
-    python benchmarks/calibration.py [--models repvgg_a0:15,mobileone_s0:4] [--calib-count 1024]
+    python benchmarks/calibration.py [--models repvgg_a0:15,mobileone_s0:15:w1] [--calib-count 1024]
         [--methods minmax,percentile,entropy,mse,mae,init,brecq,repapq] [--presets fast,default]
         [--brecq-presets default] [--settings W8A8:onnxruntime,...] [--ablations/--no-ablations]
         [--modelopt-python /path/to/venv/bin/python] [--device cpu|cuda] [--seed N] [--merge] [--report-only]

@@ -1,7 +1,7 @@
 """Why fused kernels quantize badly: the identity tap's share of each kernel's weight range, and
 what splitting it off (``reparam.split_identity``) does to each layer's output error.
 
-    python benchmarks/identity_taps.py [--models repvgg_a0:15,mobileone_s0:4] [--bits 8]
+    python benchmarks/identity_taps.py [--models repvgg_a0:15,mobileone_s0:15:w1] [--bits 8]
         [--out benchmarks/results/identity_taps.json]
 
 For every conv of the fused reference model (trained by ``_reference.ensure_model``): how often the
