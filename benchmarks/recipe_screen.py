@@ -10,7 +10,8 @@ the accuracy with only the weights and with only the activations quantized. The 
 equals the engine's in the benchmark's builds, so this ranks recipes without building engines.
 ``--holdout N`` measures on N labelled training images outside the calibration set instead of the
 test set, so that choosing a recipe does not tune it to the test images. Besides top-1 it reports the
-top-1 agreement with FP32 and the images lost and gained against FP32.
+top-1 agreement with FP32 and the images lost and gained against FP32 (with the paired drop and its
+standard error, as build's report).
 Prints one JSON line.
 """
 
@@ -31,15 +32,16 @@ from repapq_deploy.calibrate import reconstruct as R
 from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
+from repapq_deploy.verify.report import paired_drop
 
 
-def predict(module: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+def logits(module: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
-        return torch.cat([module(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)]).numpy()
+        return torch.cat([module(x[i:i + 500]) for i in range(0, len(x), 500)]).numpy()
 
 
 def top1(module: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
-    return float((predict(module, x) == y).mean() * 100)
+    return float((logits(module, x).argmax(1) == y).mean() * 100)
 
 
 def main() -> None:
@@ -79,10 +81,9 @@ def main() -> None:
               "calib_seconds": round(time.perf_counter() - t0, 1)}
     # agreement with FP32 and the images lost / gained: a top-1 drop is their difference, so these
     # tell recipes apart where the drop alone is within noise
-    ref, out = predict(fused, x), predict(qm.module, x)
-    result.update({"fp32": float((ref == y).mean() * 100), "top1": float((out == y).mean() * 100),
-                   "agreement": float((ref == out).mean() * 100),
-                   "lost": int(((ref == y) & (out != y)).sum()), "gained": int(((ref != y) & (out == y)).sum())})
+    ref, out = logits(fused, x), logits(qm.module, x)
+    result.update({"fp32": float((ref.argmax(1) == y).mean() * 100), "top1": float((out.argmax(1) == y).mean() * 100),
+                   "agreement": float((ref.argmax(1) == out.argmax(1)).mean() * 100), **paired_drop(ref, out, y)})
     if args.split:
         for q in qm.act_quantizers.values():
             q.mode = "off"
