@@ -1,7 +1,8 @@
 """Screen calibration recipes quickly: fake-quant top-1 on the full Fashion-MNIST test set, no export.
 
     python benchmarks/recipe_screen.py BUILD_DIR --profile tensorrt --bits 8 --method repapq --preset fast \
-        [--recipe '{"adaround": true}'] [--split] [--holdout 10000] [--no-split-identity] [--add-bits 8|6]
+        [--recipe '{"adaround": true}'] [--split] [--holdout 10000] [--no-split-identity] [--add-bits 8|6] \
+        [--equalize none|depthwise|all]
 
 ``BUILD_DIR`` is a build folder of ``benchmarks/calibration.py`` (its ``fused.pt`` is used), e.g.
 ``~/.cache/repapq-deploy/fmnist/calibration/repvgg_a0-e15/minmax---tensorrt-w8-fl8``. ``--recipe``
@@ -11,7 +12,8 @@ equals the engine's in the benchmark's builds, so this ranks recipes without bui
 ``--holdout N`` measures on N labelled training images outside the calibration set instead of the
 test set, so that choosing a recipe does not tune it to the test images. Besides top-1 it reports the
 top-1 agreement with FP32 and the images lost and gained against FP32 (with the paired drop and its
-standard error, as build's report).
+standard error, as build's report). ``--equalize`` applies cross-layer equalization
+(``reparam.equalize``) to the fused model first, as build's option of that name.
 Prints one JSON line.
 """
 
@@ -32,6 +34,7 @@ from repapq_deploy.calibrate import reconstruct as R
 from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
+from repapq_deploy.reparam.equalize import EQUALIZE_MODES, equalize
 from repapq_deploy.verify.report import paired_drop
 
 
@@ -56,6 +59,7 @@ def main() -> None:
     ap.add_argument("--split-identity", action=argparse.BooleanOptionalAction, default=True,
                     help="split fused kernels' identity taps off before quantizing (build's default)")
     ap.add_argument("--add-bits", type=int, choices=[8, 6], default=8, help="build's --add-bits")
+    ap.add_argument("--equalize", choices=EQUALIZE_MODES, default="none", help="build's --equalize")
     ap.add_argument("--calib-count", type=int, default=1024)
     ap.add_argument("--holdout", type=int, default=0, help="evaluate on this many held-out training images")
     args = ap.parse_args()
@@ -63,6 +67,7 @@ def main() -> None:
     calib = torch.from_numpy(np.load(ensure_calib_set(args.calib_count, 0))["x"])
     test = np.load(ensure_holdout_set(args.holdout, args.calib_count, 0) if args.holdout else ensure_test_set())
     x, y = torch.from_numpy(test["x"]), test["y"]
+    fused, eq_report = equalize(fused, calib, args.equalize)
     method, recipe = args.method, json.loads(args.recipe)
     if recipe:
         R.RECONSTRUCTION["screened"] = replace(R.RECONSTRUCTION[method], **recipe)
@@ -75,7 +80,7 @@ def main() -> None:
     calibrate(qm, calib, method, preset=args.preset)
     result = {"build": str(args.build), "profile": args.profile, "bits": args.bits, "method": args.method,
               "split_identity": args.split_identity, "split_layers": len(config.split_layers or ()),
-              "add_bits": args.add_bits,
+              "add_bits": args.add_bits, "equalize": args.equalize, "equalized_pairs": len(eq_report.pairs),
               "preset": args.preset, "recipe": recipe,
               "eval": f"holdout{args.holdout}" if args.holdout else "test10k",
               "calib_seconds": round(time.perf_counter() - t0, 1)}

@@ -20,6 +20,7 @@ from repapq_deploy.calibrate.methods import all_methods
 from repapq_deploy.errors import DeployError
 from repapq_deploy.pipeline import STAGES, Build, BuildOptions
 from repapq_deploy.progress import console, log
+from repapq_deploy.reparam.equalize import EQUALIZE_MODES
 
 
 def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:  # noqa: ARG001
@@ -66,6 +67,10 @@ def build_options(fn):
                      help="Keep each fused kernel's dominant identity tap as a depthwise 1x1 conv beside it, "
                           "so it does not set the kernel's quantization range (one extra conv and add per "
                           "RepVGG/MobileOne block)."),
+        click.option("--equalize", type=click.Choice(list(EQUALIZE_MODES)), default="none", show_default=True,
+                     help="Cross-layer equalization before calibration (exact rescaling of conv pairs across a "
+                          "ReLU): depthwise = pairs whose second conv is depthwise (free for the weights), "
+                          "all = every conv pair."),
         click.option("--method", type=click.Choice(all_methods()), default="repapq", show_default=True,
                      help="Calibration method: reconstruction (repapq, brecq) or a range method (minutes vs "
                           "seconds; percentile is the quickest good one)."),

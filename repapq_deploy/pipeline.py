@@ -50,6 +50,7 @@ from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import QuantizedModel, quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
+from repapq_deploy.reparam.equalize import equalize
 from repapq_deploy.verify import (
     ACCURACY_PNG,
     LATENCY_PNG,
@@ -88,6 +89,7 @@ class BuildOptions:
     first_last_bits: int = 8
     add_bits: int = 8
     split_identity: bool = True
+    equalize: str = "none"
     method: str = "repapq"
     preset: str = "default"
     adaround: bool | None = None  # None: the reconstruction method's own setting
@@ -287,7 +289,8 @@ class Build:
 
     def calibrate(self) -> dict:
         o = self.opts
-        options = {"method": o.method, "preset": o.preset, **self._recon_overrides(), **self.qconfig.to_dict(),
+        options = {"method": o.method, "preset": o.preset, "equalize": o.equalize, **self._recon_overrides(),
+                   **self.qconfig.to_dict(),
                    "calib_count": o.calib_count,
                    "seed": o.seed,
                    "device": o.device, "batch_size": o.batch_size}
@@ -306,17 +309,22 @@ class Build:
     def _run_calibrate(self) -> dict:
         o = self.opts
         torch.manual_seed(o.seed)
-        qconfig, errors = decide_identity_split(self.fused, self.calib_data.x, self.qconfig, o.batch_size)
+        fused, equalized = equalize(self.fused, self.calib_data.x, o.equalize, o.batch_size)
+        if equalized.pairs:
+            log(f"  cross-layer equalization ({o.equalize}): {len(equalized.pairs)} conv pairs rescaled")
+        qconfig, errors = decide_identity_split(fused, self.calib_data.x, self.qconfig, o.batch_size)
         if qconfig.split_identity:
             log(f"  identity split: {len(qconfig.split_layers)} of {len(errors)} candidate convs "
                 f"(where it at least halves the output error)")
-        qm = quantize_model(self.fused, qconfig)
+        qm = quantize_model(fused, qconfig)
         result = calibrate(qm, self.calib_data.x, o.method, o.batch_size, device=o.device, preset=o.preset,
                            seed=o.seed, overrides=self._recon_overrides())
         save_torch({"scales": qm.scales(), "layers": qm.layer_tensors(), "config": qconfig.to_dict(),
                     "method": o.method}, self.out / QSTATE)
         self._qm = qm
         out = result.to_dict()
+        if equalized.pairs:
+            out["equalize"] = equalized.to_dict()
         if qconfig.split_identity:
             out["identity_split"] = {n: {"relative_error": plain, "relative_error_split": split,
                                          "split": n in qconfig.split_layers}

@@ -1,0 +1,93 @@
+"""Cross-layer equalization (reparam.equalize): exact, and it equalizes what it claims to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from repapq_deploy.reparam import fuse_model
+from repapq_deploy.reparam.equalize import MAX_SCALE, equalize, find_pairs
+
+
+def _x(n: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def _input_ranges(gm: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = dict(gm.named_modules())[name].register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].abs().amax(dim=(0, 2, 3))))
+    with torch.no_grad():
+        gm(x)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.fixture(scope="module")
+def fused_mobileone(make_model):
+    model = make_model("mobileone_nano")
+    return fuse_model(model, _x(4))[0]
+
+
+def test_pairs_of_mobileone(fused_mobileone) -> None:
+    modules = dict(fused_mobileone.named_modules())
+    pairs = find_pairs(fused_mobileone)
+    # stem -> dw, then dw -> pw and pw -> dw along the chain of 15 convs (7 blocks of dw + pw)
+    assert len(pairs) == 14
+    assert all(isinstance(modules[a], nn.Conv2d) and isinstance(modules[b], nn.Conv2d) for a, b in pairs)
+    assert sum(modules[b].groups > 1 for _, b in pairs) == 7
+
+
+@pytest.mark.parametrize("mode", ["depthwise", "all"])
+def test_equalize_is_exact_and_leaves_the_input_untouched(fused_mobileone, mode) -> None:
+    x, before = _x(), {k: v.clone() for k, v in fused_mobileone.state_dict().items()}
+    with torch.no_grad():
+        ref = fused_mobileone(x)
+        eq, report = equalize(fused_mobileone, x, mode)
+        out = eq(_x(seed=1)), fused_mobileone(_x(seed=1))
+        again = fused_mobileone(x)
+    assert len(report.pairs) == (7 if mode == "depthwise" else 14)
+    assert _rel(out[1], out[0]) <= 1e-5
+    assert _rel(ref, again) == 0
+    assert all(torch.equal(v, before[k]) for k, v in fused_mobileone.state_dict().items())
+
+
+def test_depthwise_pairs_get_equal_channel_ranges(fused_mobileone) -> None:
+    x = _x()
+    eq, report = equalize(fused_mobileone, x, "depthwise")
+    for pair, info in report.pairs.items():
+        consumer = pair.split("->")[1]
+        before, after = _input_ranges(fused_mobileone, consumer, x), _input_ranges(eq, consumer, x)
+        live = before > 0
+        # every live channel reaches the largest range, unless its scale hit the bound
+        unclamped = live & (before * MAX_SCALE > before.max())
+        assert torch.allclose(after[unclamped], before.max().expand(int(unclamped.sum())), rtol=1e-4)
+        assert 1 <= info["scale_min"] <= info["scale_max"] <= MAX_SCALE
+
+
+def test_none_is_a_plain_copy(fused_mobileone) -> None:
+    eq, report = equalize(fused_mobileone, _x(8), "none")
+    assert report.pairs == {} and eq is not fused_mobileone
+    assert all(torch.equal(a, b) for a, b in zip(eq.state_dict().values(), fused_mobileone.state_dict().values(),
+                                                 strict=True))
+
+
+def test_a_conv_read_twice_is_not_paired() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.c = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            return self.c(torch.relu(self.b(y)) + y)
+
+    gm = fuse_model(Residual().eval(), _x(2))[0]
+    # a's output is read by b and by the add; b's by the add only: nothing may be rescaled
+    assert find_pairs(gm) == []
