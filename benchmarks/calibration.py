@@ -4,7 +4,7 @@
         [--methods minmax,percentile,entropy,mse,mae,init,brecq,repapq] [--presets fast,default]
         [--brecq-presets default] [--settings W8A8:onnxruntime,...] [--ablations/--no-ablations]
         [--modelopt-python /path/to/venv/bin/python] [--device cpu|cuda] [--seed N] [--merge] [--report-only]
-        [--no-split-identity]
+        [--no-split-identity] [--equalize none|depthwise|all]
         [--out benchmarks/results/calibration]
 
 Reference models: timm ``repvgg_a0`` and ``mobileone_s0`` (10 classes, 32x32 grey input) trained on
@@ -52,6 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from repapq_deploy.environment import hardware, versions
+from repapq_deploy.reparam.equalize import EQUALIZE_MODES
 
 SETTINGS = [("W8A8", "onnxruntime", 8, 8), ("W8A8", "tensorrt", 8, 8), ("W6A6", "onnxruntime", 6, 8),
             ("W6A6", "tensorrt", 6, 8), ("W6A6 all 6-bit", "tensorrt", 6, 6)]
@@ -195,6 +196,9 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where calibration runs")
     ap.add_argument("--add-bits", type=int, choices=[8, 6], default=8,
                     help="grid of the tensors only an Add reads (build --add-bits)")
+    ap.add_argument("--equalize", choices=EQUALIZE_MODES, default="none",
+                    help="build's --equalize; other than none, the rows are named 'METHOD (equalize MODE)' and "
+                         "build in their own folder, so --merge adds them beside the plain rows")
     ap.add_argument("--merge", action="store_true",
                     help="replace only the rows run now in an existing <arch>.json, keep the others")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/calibration"))
@@ -217,11 +221,12 @@ def main() -> None:
         # other seeds build elsewhere: runs with different seeds may go side by side
         work = ref.CACHE / "calibration" / (ref.model_name(arch, epochs, warmup)
                                             + (f"-seed{args.seed}" if args.seed else "")
-                                            + ("" if args.split_identity else "-nosplit"))
+                                            + ("" if args.split_identity else "-nosplit")
+                                            + ("" if args.equalize == "none" else f"-eq{args.equalize}"))
         common = {"model": str(model), "calib": str(calib), "calib_count": None, "eval": str(test),
                   "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed, "device": args.device,
                   "threads": 1 if args.jobs > 1 else None, "split_identity": args.split_identity,
-                  "add_bits": args.add_bits}
+                  "add_bits": args.add_bits, "equalize": args.equalize}
         todo = plan(args.methods.split(","), args.presets.split(","), args.brecq_presets.split(","), settings)
         specs = []
         for row in todo:
@@ -237,9 +242,13 @@ def main() -> None:
                                  "bits": bits, "first_last_bits": fl})
                     specs.append(({**common, "out": str(out), "method": "repapq-variant", "preset": "default",
                                    "profile": profile, "bits": bits, "first_last_bits": fl}, change))
+        if args.equalize != "none":
+            for row in todo:
+                row["method"] += f" (equalize {args.equalize})"
         console.print(f"{arch}: {len(specs)} builds, {args.jobs} at a time")
         measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        rows = [{**row, **r, "device": args.device, "split_identity": args.split_identity, "add_bits": args.add_bits}
+        rows = [{**row, **r, "device": args.device, "split_identity": args.split_identity, "add_bits": args.add_bits,
+                 "equalize": args.equalize}
                 for row, r in zip(todo, run_builds(specs, args.jobs), strict=True)]
         fp32 = rows[0]["fp32"]
         if args.peers:
