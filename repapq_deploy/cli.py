@@ -67,7 +67,7 @@ def build_options(fn):
                      help="Keep each fused kernel's dominant identity tap as a depthwise 1x1 conv beside it, "
                           "so it does not set the kernel's quantization range (one extra conv and add per "
                           "RepVGG/MobileOne block)."),
-        click.option("--equalize", type=click.Choice(list(EQUALIZE_MODES)), default="none", show_default=True,
+        click.option("--equalize", type=click.Choice(list(EQUALIZE_MODES)), default="all", show_default=True,
                      help="Cross-layer equalization before calibration (exact rescaling of conv pairs across a "
                           "ReLU): depthwise = pairs whose second conv is depthwise (free for the weights), "
                           "all = every conv pair."),

@@ -89,7 +89,7 @@ class BuildOptions:
     first_last_bits: int = 8
     add_bits: int = 8
     split_identity: bool = True
-    equalize: str = "none"
+    equalize: str = "all"
     method: str = "repapq"
     preset: str = "default"
     adaround: bool | None = None  # None: the reconstruction method's own setting
