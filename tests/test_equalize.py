@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -91,3 +93,21 @@ def test_a_conv_read_twice_is_not_paired() -> None:
     gm = fuse_model(Residual().eval(), _x(2))[0]
     # a's output is read by b and by the add; b's by the add only: nothing may be rescaled
     assert find_pairs(gm) == []
+
+
+@pytest.mark.parametrize(("mode", "pairs"), [("none", 0), ("depthwise", 0), ("all", 8)])
+def test_build_option_reaches_the_calibrate_stage(example_dir, tmp_path, mode, pairs) -> None:
+    # the bundled RepVGG example has 8 conv -> ReLU -> conv pairs and no depthwise conv; the export
+    # (reloaded from qstate.pt) must carry the rescaled weights: fake-quant and engine agree exactly
+    from click.testing import CliRunner
+
+    from repapq_deploy.cli import main
+
+    result = CliRunner().invoke(main, [
+        "build", str(example_dir / "model.safetensors"), "--calib", str(example_dir / "calib.npz"), "--calib-count",
+        "64", "--eval", str(example_dir / "eval.npz"), "--eval-count", "128", "--method", "minmax", "--equalize",
+        mode, "--bench-seconds", "0.1", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["calibration"].get("equalize", {}).get("pairs", {})) == pairs
+    assert report["accuracy"]["fake_quant_engine_agreement_top1"] == 100.0

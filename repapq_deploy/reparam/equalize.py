@@ -102,7 +102,7 @@ def _channel_ranges(gm: fx.GraphModule, consumers: list[str], data: torch.Tensor
     return ranges
 
 
-def _scales(a: nn.Conv2d, b: nn.Conv2d, r: torch.Tensor) -> torch.Tensor:
+def _scales(b: nn.Conv2d, r: torch.Tensor) -> torch.Tensor:
     live = r > 0
     if not live.any():
         return torch.ones_like(r)
@@ -119,7 +119,7 @@ def _scales(a: nn.Conv2d, b: nn.Conv2d, r: torch.Tensor) -> torch.Tensor:
     return torch.where(live, s, torch.ones_like(s))
 
 
-def equalize(fused: fx.GraphModule, data: torch.Tensor, mode: str = "depthwise",
+def equalize(fused: fx.GraphModule, data: torch.Tensor, mode: str = "all",
              batch_size: int = 32) -> tuple[fx.GraphModule, EqualizeReport]:
     """A copy of ``fused`` with cross-layer equalization applied to the pairs ``mode`` selects
     (``depthwise``: pairs whose consumer is depthwise; ``all``: every pair; ``none``: a plain copy)."""
@@ -135,7 +135,7 @@ def equalize(fused: fx.GraphModule, data: torch.Tensor, mode: str = "depthwise",
     with torch.no_grad():
         for a_name, b_name in pairs:
             a, b = modules[a_name], modules[b_name]
-            s = _scales(a, b, ranges[b_name]).to(a.weight.dtype)
+            s = _scales(b, ranges[b_name]).to(a.weight.dtype)
             a.weight.mul_(s.view(-1, *[1] * (a.weight.dim() - 1)))
             if a.bias is not None:
                 a.bias.mul_(s)
