@@ -2,7 +2,7 @@
 
     python benchmarks/recipe_screen.py BUILD_DIR --profile tensorrt --bits 8 --method repapq --preset fast \
         [--recipe '{"adaround": true}'] [--split] [--holdout 10000] [--no-split-identity] [--add-bits 8|6] \
-        [--equalize none|depthwise|all]
+        [--equalize none|depthwise|all] [--equalize-alpha 0.5]
 
 ``BUILD_DIR`` is a build folder of ``benchmarks/calibration.py`` (its ``fused.pt`` is used), e.g.
 ``~/.cache/repapq-deploy/fmnist/calibration/repvgg_a0-e15/minmax---tensorrt-w8-fl8``. ``--recipe``
@@ -60,6 +60,8 @@ def main() -> None:
                     help="split fused kernels' identity taps off before quantizing (build's default)")
     ap.add_argument("--add-bits", type=int, choices=[8, 6], default=8, help="build's --add-bits")
     ap.add_argument("--equalize", choices=EQUALIZE_MODES, default="none", help="build's --equalize")
+    ap.add_argument("--equalize-alpha", type=float, default=0.5,
+                    help="migration strength of dense equalization pairs (reparam.equalize)")
     ap.add_argument("--calib-count", type=int, default=1024)
     ap.add_argument("--holdout", type=int, default=0, help="evaluate on this many held-out training images")
     args = ap.parse_args()
@@ -67,7 +69,7 @@ def main() -> None:
     calib = torch.from_numpy(np.load(ensure_calib_set(args.calib_count, 0))["x"])
     test = np.load(ensure_holdout_set(args.holdout, args.calib_count, 0) if args.holdout else ensure_test_set())
     x, y = torch.from_numpy(test["x"]), test["y"]
-    fused, eq_report = equalize(fused, calib, args.equalize)
+    fused, eq_report = equalize(fused, calib, args.equalize, alpha=args.equalize_alpha)
     method, recipe = args.method, json.loads(args.recipe)
     if recipe:
         R.RECONSTRUCTION["screened"] = replace(R.RECONSTRUCTION[method], **recipe)
@@ -80,7 +82,8 @@ def main() -> None:
     calibrate(qm, calib, method, preset=args.preset)
     result = {"build": str(args.build), "profile": args.profile, "bits": args.bits, "method": args.method,
               "split_identity": args.split_identity, "split_layers": len(config.split_layers or ()),
-              "add_bits": args.add_bits, "equalize": args.equalize, "equalized_pairs": len(eq_report.pairs),
+              "add_bits": args.add_bits, "equalize": args.equalize,
+              "equalize_alpha": args.equalize_alpha, "equalized_pairs": len(eq_report.pairs),
               "preset": args.preset, "recipe": recipe,
               "eval": f"holdout{args.holdout}" if args.holdout else "test10k",
               "calib_seconds": round(time.perf_counter() - t0, 1)}

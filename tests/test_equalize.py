@@ -111,3 +111,24 @@ def test_build_option_reaches_the_calibrate_stage(example_dir, tmp_path, mode, p
     report = json.loads(result.stdout)
     assert len(report["calibration"].get("equalize", {}).get("pairs", {})) == pairs
     assert report["accuracy"]["fake_quant_engine_agreement_top1"] == 100.0
+
+
+def test_alpha_one_equalizes_dense_pairs_activations(fused_example, calib_x) -> None:
+    # alpha 1 hands all of the rescaling to the consumer's weights: every live input channel of a
+    # dense consumer then reaches the largest range (unless its scale hit the bound); alpha 0.5 is DFQ's
+    x, fused = calib_x[:64], fused_example[0]
+    eq, report = equalize(fused, x, "all", alpha=1.0)
+    assert report.pairs
+    for pair in report.pairs:
+        consumer = pair.split("->")[1]
+        before, after = _input_ranges(fused, consumer, x), _input_ranges(eq, consumer, x)
+        unclamped = (before > 0) & (before * MAX_SCALE > before.max())
+        assert torch.allclose(after[unclamped], before.max().expand(int(unclamped.sum())), rtol=1e-4)
+    with torch.no_grad():
+        assert _rel(fused(x), eq(x)) <= 1e-5
+    half, _ = equalize(fused, x, "all", alpha=0.5)
+    default, _ = equalize(fused, x, "all")
+    assert all(torch.equal(a, b) for a, b in zip(half.state_dict().values(), default.state_dict().values(),
+                                                 strict=True))
+    with pytest.raises(ValueError, match="alpha"):
+        equalize(fused, x, "all", alpha=1.5)

@@ -277,3 +277,23 @@ def test_weights_are_learned_only_when_asked(fused_example, calib_x, lr_weight, 
 def test_repapq_learns_weights_by_default():
     assert R.RECONSTRUCTION["repapq"].lr_weight > 0
     assert R.RECONSTRUCTION["brecq"].adaround  # BRECQ learns rounding of fixed weights instead
+
+
+def test_hard_sample_weights_favour_small_fp32_margins(fused_example, calib_x):
+    gm, _ = fused_example
+    assert R.sample_weights(gm, calib_x, R.RECONSTRUCTION["repapq"], 32, "cpu") is None
+    settings = R.ReconSettings("hard", hard_weight=4.0, hard_tau=1.0)
+    w = R.sample_weights(gm, calib_x, settings, 32, "cpu")
+    with torch.no_grad():
+        top2 = gm(calib_x).topk(2, dim=1).values
+    margin = top2[:, 0] - top2[:, 1]
+    assert w.shape == (len(calib_x),) and torch.isclose(w.mean(), torch.tensor(1.0))
+    order = margin.argsort()
+    assert torch.all(w[order][1:] <= w[order][:-1] + 1e-6)
+    # the weighted run reaches the calibrate stage and changes what is learned
+    scales = []
+    for hard in (0.0, 4.0):
+        qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
+        calibrate(qm, calib_x, "repapq", preset="tiny", seed=0, overrides={"hard_weight": hard})
+        scales.append(np.concatenate([t.numpy().ravel() for t in qm.scales().values()]))
+    assert not np.array_equal(*scales)

@@ -65,6 +65,11 @@ class ReconSettings:
     # learn the float weights themselves too (Adam lr; 0: frozen). Ignored with AdaRound, which learns
     # the rounding of fixed weights instead. The export quantizes the learned weights as usual.
     lr_weight: float = 0.0
+    # hard-sample weighting: image i's loss is weighted 1 + hard_weight * exp(-m_i / hard_tau), m_i the
+    # FP32 model's top-1 minus top-2 logit on it (label-free), so that the images whose top-1 a small
+    # error flips count most; weights are normalised to mean 1. 0: every image alike.
+    hard_weight: float = 0.0
+    hard_tau: float = 1.0
     # fold the QPRep affine into scales and biases at the end (off only to inspect the unfolded model)
     fold: bool = True
 
@@ -241,9 +246,24 @@ def _rounding_penalty(unit: Unit, step: int, settings: ReconSettings) -> torch.T
     return sum((1 - (2 * m.weight_quantizer.rounding() - 1).abs().pow(beta)).sum() for m in _weight_layers(unit))
 
 
-def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str, weight: torch.Tensor | None = None) -> torch.Tensor:
     diff = pred - target
-    return diff.abs().mean() if kind == "mae" else diff.pow(2).mean()
+    err = diff.abs() if kind == "mae" else diff.pow(2)
+    if weight is None:
+        return err.mean()
+    return (err.flatten(1).mean(1) * weight).mean()
+
+
+@torch.no_grad()
+def sample_weights(module: nn.Module, data: torch.Tensor, settings: ReconSettings, batch_size: int,
+                   device: str) -> torch.Tensor | None:
+    """Per-image loss weights of the hard-sample weighting (``ReconSettings.hard_weight``), or None."""
+    if settings.hard_weight <= 0:
+        return None
+    logits = _forward_all(module, data, batch_size, device)
+    top2 = logits.flatten(1).topk(2, dim=1).values
+    w = 1 + settings.hard_weight * torch.exp(-(top2[:, 0] - top2[:, 1]) / settings.hard_tau)
+    return w / w.mean()
 
 
 @torch.no_grad()
@@ -276,7 +296,8 @@ def _mean_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str,
 
 
 def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: ReconSettings,
-                batch_size: int, device: str, generator: torch.Generator) -> tuple[float, float]:
+                batch_size: int, device: str, generator: torch.Generator,
+                weights: torch.Tensor | None = None) -> tuple[float, float]:
     module = unit.module
     before = _mean_loss(module, x_q, y_fp, device)
     params = _unit_params(unit, settings)
@@ -308,7 +329,8 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
         task = progress.add_task(f"{settings.name} {unit.name}", total=settings.iters, loss=before)
         for step in range(settings.iters):
             idx = torch.randint(0, len(x_q), (min(batch_size, len(x_q)),), generator=generator)
-            loss = _loss(module(x_q[idx].to(device)), y_fp[idx].to(device), settings.loss)
+            loss = _loss(module(x_q[idx].to(device)), y_fp[idx].to(device), settings.loss,
+                         None if weights is None else weights[idx].to(device))
             penalty = _rounding_penalty(unit, step, settings) if params["rounding"] else None
             total = loss if penalty is None else loss + round_weight * penalty
             opt.zero_grad(set_to_none=True)
@@ -350,6 +372,8 @@ def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, pre
     # only what a unit trains gets gradients (frozen float weights need none: less work per step)
     gm.requires_grad_(False)
     units = split_units(gm, unit_labels(gm, settings.granularity, data[:1].to(device)))
+    qm.set_mode("off")
+    weights = sample_weights(gm, data, settings, batch_size, device)
     log(f"  {settings.name}: {len(units)} units ({', '.join(u.name for u in units)}), "
         f"{settings.iters} iterations each")
     x_q = data  # input of the current unit under the quantized model
@@ -360,7 +384,7 @@ def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, pre
             qm.set_mode("off")
             y_fp = _forward_all(unit.module, x_fp, batch_size, device, Path(spill))
             qm.set_mode("quant")
-            before, after = _train_unit(unit, x_q, y_fp, settings, batch_size, device, generator)
+            before, after = _train_unit(unit, x_q, y_fp, settings, batch_size, device, generator, weights)
             per_unit.append({"unit": unit.name, "mae_before": before, "mae_after": after})
             x_q = _forward_all(unit.module, x_q, batch_size, device, Path(spill))
             x_fp = y_fp

@@ -102,7 +102,7 @@ def _channel_ranges(gm: fx.GraphModule, consumers: list[str], data: torch.Tensor
     return ranges
 
 
-def _scales(b: nn.Conv2d, r: torch.Tensor) -> torch.Tensor:
+def _scales(b: nn.Conv2d, r: torch.Tensor, alpha: float) -> torch.Tensor:
     live = r > 0
     if not live.any():
         return torch.ones_like(r)
@@ -113,18 +113,21 @@ def _scales(b: nn.Conv2d, r: torch.Tensor) -> torch.Tensor:
         # per input channel, relative to each output channel's own grid (weights are per-channel)
         wa = b.weight.detach().abs().flatten(2).amax(2)
         w = (wa / wa.amax(1, keepdim=True).clamp_min(1e-30)).amax(0)
-        s = torch.sqrt(w / r.clamp_min(1e-30))
+        s = w.clamp_min(1e-30).pow(1 - alpha) / r.clamp_min(1e-30).pow(alpha)
         s = s * big / (r * s)[live].max()
     s = s.clamp(1 / MAX_SCALE, MAX_SCALE)
     return torch.where(live, s, torch.ones_like(s))
 
 
 def equalize(fused: fx.GraphModule, data: torch.Tensor, mode: str = "all",
-             batch_size: int = 32) -> tuple[fx.GraphModule, EqualizeReport]:
+             batch_size: int = 32, alpha: float = 0.5) -> tuple[fx.GraphModule, EqualizeReport]:
     """A copy of ``fused`` with cross-layer equalization applied to the pairs ``mode`` selects
-    (``depthwise``: pairs whose consumer is depthwise; ``all``: every pair; ``none``: a plain copy)."""
+    (``depthwise``: pairs whose consumer is depthwise; ``all``: every pair; ``none``: a plain copy);
+    ``alpha`` is the migration strength of dense pairs (module docstring)."""
     if mode not in EQUALIZE_MODES:
         raise ValueError(f"equalize mode {mode!r}; choose one of {EQUALIZE_MODES}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"equalize alpha {alpha}; choose a value in [0, 1]")
     gm = copy.deepcopy(fused)
     report = EqualizeReport(mode)
     if mode == "none":
@@ -135,7 +138,7 @@ def equalize(fused: fx.GraphModule, data: torch.Tensor, mode: str = "all",
     with torch.no_grad():
         for a_name, b_name in pairs:
             a, b = modules[a_name], modules[b_name]
-            s = _scales(b, ranges[b_name]).to(a.weight.dtype)
+            s = _scales(b, ranges[b_name], alpha).to(a.weight.dtype)
             a.weight.mul_(s.view(-1, *[1] * (a.weight.dim() - 1)))
             if a.bias is not None:
                 a.bias.mul_(s)
