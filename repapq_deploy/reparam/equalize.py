@@ -113,7 +113,11 @@ def _scales(b: nn.Conv2d, r: torch.Tensor, alpha: float) -> torch.Tensor:
         # per input channel, relative to each output channel's own grid (weights are per-channel)
         wa = b.weight.detach().abs().flatten(2).amax(2)
         w = (wa / wa.amax(1, keepdim=True).clamp_min(1e-30)).amax(0)
-        s = w.clamp_min(1e-30).pow(1 - alpha) / r.clamp_min(1e-30).pow(alpha)
+        if alpha == 0.5:
+            # DFQ's balance, computed as before alpha existed so that its builds stay bit-identical
+            s = torch.sqrt(w / r.clamp_min(1e-30))
+        else:
+            s = w.clamp_min(1e-30).pow(1 - alpha) / r.clamp_min(1e-30).pow(alpha)
         s = s * big / (r * s)[live].max()
     s = s.clamp(1 / MAX_SCALE, MAX_SCALE)
     return torch.where(live, s, torch.ones_like(s))
