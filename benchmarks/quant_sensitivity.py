@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _reference import ensure_calib_set, ensure_holdout_set, ensure_test_set
+from recipe_screen import logits
 from rich.console import Console
 from rich.table import Table
 
@@ -32,11 +33,6 @@ from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import QuantizedModel, quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES, equalize
-
-
-def _logits(module: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        return torch.cat([module(x[i:i + 500]) for i in range(0, len(x), 500)]).numpy()
 
 
 def _row(name: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray) -> dict:
@@ -49,18 +45,18 @@ def _row(name: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray) -> dict:
 def sensitivity(qm: QuantizedModel, x: torch.Tensor, y: np.ndarray, ref: np.ndarray) -> list[dict]:
     """Everything quantized, then each activation and each weight quantizer alone."""
     qm.set_mode("quant")
-    rows = [_row("all", _logits(qm.module, x), ref, y)]
+    rows = [_row("all", logits(qm.module, x), ref, y)]
     # name an activation quantizer by the tensor it quantizes (the graph node that feeds it)
     source = {n.target: n.args[0].name for n in qm.module.graph.nodes
               if n.op == "call_module" and n.target in qm.act_quantizers and n.args}
     for name, q in qm.act_quantizers.items():
         qm.set_mode("off")
         q.mode = "quant"
-        rows.append(_row(f"activation {source.get(name, name)}", _logits(qm.module, x), ref, y))
+        rows.append(_row(f"activation {source.get(name, name)}", logits(qm.module, x), ref, y))
     for name, layer in qm.weight_layers.items():
         qm.set_mode("off")
         layer.weight_quantizer.enabled = True
-        rows.append(_row(f"weights {name}", _logits(qm.module, x), ref, y))
+        rows.append(_row(f"weights {name}", logits(qm.module, x), ref, y))
     qm.set_mode("quant")
     return rows
 
@@ -68,7 +64,7 @@ def sensitivity(qm: QuantizedModel, x: torch.Tensor, y: np.ndarray, ref: np.ndar
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("build", type=Path)
-    ap.add_argument("--profile", default="tensorrt")
+    ap.add_argument("--profile", choices=["tensorrt", "onnxruntime"], default="tensorrt")
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--method", default="minmax")
     ap.add_argument("--preset", default="fast")
@@ -83,7 +79,7 @@ def main() -> None:
     calib = torch.from_numpy(np.load(ensure_calib_set(args.calib_count, 0))["x"])
     data = np.load(ensure_holdout_set(args.holdout, args.calib_count, 0) if args.holdout else ensure_test_set())
     x, y = torch.from_numpy(data["x"]), data["y"]
-    ref = _logits(fused, x)
+    ref = logits(fused, x)
     fused, _ = equalize(fused, calib, args.equalize)
     config, _ = decide_identity_split(fused, calib, QuantConfig(args.profile, args.bits, 8, True))
     qm = quantize_model(fused, config)
