@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from repapq_deploy.artifacts import write_json
 from repapq_deploy.data import fashion_mnist as fm
 
 CACHE = Path.home() / ".cache" / "repapq-deploy" / "fmnist"
@@ -79,3 +80,10 @@ def ensure_holdout_set(count: int, calib_count: int, seed: int) -> Path:
         CACHE.mkdir(parents=True, exist_ok=True)
         np.savez(path, x=fm.to_model_input(x[idx]), y=y[idx])
     return path
+
+
+def write_results(path: Path, args: object, results: dict) -> None:
+    """Write a script's command-line options (home folder as ``~``) and ``results`` as JSON, atomically."""
+    options = {k: (str(v).replace(str(Path.home()), "~") if isinstance(v, Path) else v)
+               for k, v in vars(args).items()}
+    write_json(path, options | results)

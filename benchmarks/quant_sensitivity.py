@@ -16,14 +16,11 @@ Prints a table (largest first) and writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from _reference import ensure_calib_set, ensure_holdout_set, ensure_test_set
+from _reference import ensure_calib_set, ensure_holdout_set, ensure_test_set, write_results
 from recipe_screen import logits
 from rich.console import Console
 from rich.table import Table
@@ -95,14 +92,7 @@ def main() -> None:
                           f"{r['mean_max_abs_logit_error']:.4f}")
     Console(width=120).print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {k: (str(v).replace(str(Path.home()), "~") if isinstance(v, Path) else v)
-                  for k, v in vars(args).items()} | {"rows": rows}
-        fd, tmp = tempfile.mkstemp(dir=args.out.parent, suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, args.out)
+        write_results(args.out, args, {"rows": rows})
 
 
 if __name__ == "__main__":
