@@ -91,7 +91,9 @@ def main() -> None:
     # tell recipes apart where the drop alone is within noise
     ref, out = logits(fused, x), logits(qm.module, x)
     result.update({"fp32": float((ref.argmax(1) == y).mean() * 100), "top1": float((out.argmax(1) == y).mean() * 100),
-                   "agreement": float((ref.argmax(1) == out.argmax(1)).mean() * 100), **paired_drop(ref, out, y)})
+                   "agreement": float((ref.argmax(1) == out.argmax(1)).mean() * 100), **paired_drop(ref, out, y),
+                   # a continuous measure of the same closeness: it ranks recipes whose flip counts tie
+                   "mean_max_abs_logit_error": float(np.abs(out - ref).max(1).mean())})
     if args.split:
         for q in qm.act_quantizers.values():
             q.mode = "off"
