@@ -37,3 +37,16 @@ def test_more_noise_flips_more_and_the_summary_counts_every_draw(fused_example, 
     low = [r for r in rows if r["sigma"] == 1e-4]
     share = summ[("weights", 1e-4)]["share_drop_le_0.03_pp"]
     assert share == sum(r["drop_pp"] <= 0.03 + 1e-9 for r in low) / 3
+
+
+def test_results_file_has_the_options_with_home_as_tilde(tmp_path) -> None:
+    import argparse
+    import json
+
+    from _reference import write_results
+
+    args = argparse.Namespace(build=Path.home() / "b", draws=3, out=tmp_path / "r.json")
+    write_results(args.out, args, {"rows": [1, 2]})
+    assert json.loads(args.out.read_text()) == {"build": "~/b", "draws": 3, "out": str(tmp_path / "r.json"),
+                                                "rows": [1, 2]}
+    assert not [p for p in tmp_path.iterdir() if p.name != "r.json"]  # no temporary file left
