@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
+from conftest import ORT_INT8_EXACT
 from onnx import TensorProto, helper
 
 import repapq_deploy.backends.registry as registry
@@ -318,8 +319,9 @@ def test_ort_backend_engine_matches_the_quantized_graph(graphs, tmp_path):
     want = reference_session(graphs.qdq["onnxruntime"]).run(None, {"input": graphs.x})[0]
     assert got.shape == (len(graphs.x), NUM_CLASSES)
     assert got.dtype == np.float32
-    # integer kernels requantize like the Q/DQ graph: at most a rounding step apart
-    assert np.abs(got - want).max() <= 0.01 * np.abs(want).max()
+    # integer kernels requantize like the Q/DQ graph: at most a rounding step apart (further without
+    # VNNI, conftest.ORT_INT8_EXACT: 4 % of the largest logit on an AMD EPYC with AVX2 only)
+    assert np.abs(got - want).max() <= (0.01 if ORT_INT8_EXACT else 0.1) * np.abs(want).max()
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
 
 
