@@ -16,6 +16,7 @@ import click
 from rich.markup import escape
 
 from repapq_deploy import __version__
+from repapq_deploy.calibrate.augment import AUGMENTATIONS
 from repapq_deploy.calibrate.methods import all_methods
 from repapq_deploy.errors import DeployError
 from repapq_deploy.pipeline import STAGES, Build, BuildOptions
@@ -30,6 +31,18 @@ def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:  # noqa:
         return tuple(float(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"{value!r}: expected comma-separated numbers") from None
+
+
+def _views(ctx, param, value: str | None) -> tuple[str, ...] | None:  # noqa: ARG001
+    if value is None:
+        return None
+    if value == "none":
+        return ()
+    names = tuple(v.strip() for v in value.split(","))
+    unknown = [n for n in names if n not in AUGMENTATIONS]
+    if unknown:
+        raise click.BadParameter(f"{','.join(unknown)}: unknown view; choose from {', '.join(AUGMENTATIONS)} or none")
+    return names
 
 
 def _ints(ctx, param, value: str | None) -> tuple[int, ...] | None:  # noqa: ARG001
@@ -81,6 +94,9 @@ def build_options(fn):
                           "off for repapq)."),
         click.option("--qdrop", type=click.FloatRange(0, 1), default=None,
                      help="QDrop probability during reconstruction (default: the method's, 0)."),
+        click.option("--calib-augment", callback=_views,
+                     help="Extra views of the calibration images that reconstruction also fits, applied "
+                          "cumulatively: comma-separated hflip, shift (2 px), or none (default: the method's)."),
         click.option("--profile", type=click.Choice(["tensorrt", "onnxruntime"]),
                      help="Quantization scheme (default: the backend's)."),
         click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",

@@ -94,6 +94,7 @@ class BuildOptions:
     preset: str = "default"
     adaround: bool | None = None  # None: the reconstruction method's own setting
     qdrop: float | None = None
+    calib_augment: tuple[str, ...] | None = None  # None: the reconstruction method's own views
     profile: str | None = None
     backend: str = "auto"
     out: str | None = None  # default: engines/<model file stem>
@@ -303,8 +304,11 @@ class Build:
         return result
 
     def _recon_overrides(self) -> dict:
-        """Reconstruction settings the user changed from the method's own (--adaround, --qdrop)."""
-        return {k: v for k, v in (("adaround", self.opts.adaround), ("qdrop", self.opts.qdrop)) if v is not None}
+        """Reconstruction settings the user changed from the method's own (--adaround, --qdrop,
+        --calib-augment)."""
+        o = self.opts
+        return {k: v for k, v in (("adaround", o.adaround), ("qdrop", o.qdrop), ("augment", o.calib_augment))
+                if v is not None}
 
     def _run_calibrate(self) -> dict:
         o = self.opts

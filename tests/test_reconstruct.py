@@ -180,7 +180,7 @@ def test_pipeline_reloads_folded_layers(tmp_path, example_dir):
     common = [str(example_dir / "model.safetensors"), "--calib", str(example_dir / "calib.npz"), "--eval",
               str(example_dir / "eval.npz"), "--eval-count", "128", "--calib-count", "64", "--method", "repapq",
               "--preset", "fast", "--bits", "6", "--profile", "tensorrt", "--out", str(tmp_path),
-              "--bench-seconds", "0.1", "--adaround", "--qdrop", "0.5"]
+              "--bench-seconds", "0.1", "--adaround", "--qdrop", "0.5", "--calib-augment", "hflip"]
     runner = CliRunner()
     assert runner.invoke(main, ["export", *common]).exit_code == 0
     result = runner.invoke(main, ["build", *common, "--json"])
@@ -190,6 +190,8 @@ def test_pipeline_reloads_folded_layers(tmp_path, example_dir):
     assert report["calibration"]["details"]["settings"]["affine"] is True
     assert report["calibration"]["details"]["settings"]["adaround"] is True  # the CLI options reach the recipe
     assert report["calibration"]["details"]["settings"]["qdrop"] == 0.5
+    assert report["calibration"]["details"]["settings"]["augment"] == ["hflip"]
+    assert report["calibration"]["details"]["samples"] == 128  # 64 images and their mirror images
     # fake-quant (reloaded from qstate.pt) and the engine agree exactly on the top-1
     assert report["accuracy"]["fake_quant"]["top1"] == report["accuracy"]["engine"]["top1"]
     assert report["accuracy"]["fake_quant_engine_agreement_top1"] == 100.0

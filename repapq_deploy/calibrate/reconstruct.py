@@ -32,6 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from repapq_deploy.calibrate.augment import augment
 from repapq_deploy.calibrate.methods import METHODS, set_ranges
 from repapq_deploy.errors import DeployError
 from repapq_deploy.progress import console, log
@@ -70,6 +71,9 @@ class ReconSettings:
     # error flips count most; weights are normalised to mean 1. 0: every image alike.
     hard_weight: float = 0.0
     hard_tau: float = 1.0
+    # extra views of the calibration images to reconstruct on (calibrate.augment; e.g. ("hflip",)):
+    # more distinct inputs for the learned weights to fit without drawing more images
+    augment: tuple[str, ...] = ()
     # fold the QPRep affine into scales and biases at the end (off only to inspect the unfolded model)
     fold: bool = True
 
@@ -364,6 +368,7 @@ def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, pre
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
+    data = augment(data, settings.augment, seed)
     set_ranges(qm, data, METHODS[settings.init_act], METHODS[settings.init_weight], batch_size, device)
     if settings.affine:
         for layer in qm.weight_layers.values():
@@ -392,5 +397,5 @@ def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, pre
     qm.module.cpu()
     if settings.fold:
         qm.fold_affine()
-    return {"settings": settings.to_dict(), "preset": preset, "units": per_unit,
+    return {"settings": settings.to_dict(), "preset": preset, "units": per_unit, "samples": len(data),
             "reconstruction_seconds": time.perf_counter() - t0}
