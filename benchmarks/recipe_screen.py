@@ -12,8 +12,10 @@ equals the engine's in the benchmark's builds, so this ranks recipes without bui
 ``--holdout N`` measures on N labelled training images outside the calibration set instead of the
 test set, so that choosing a recipe does not tune it to the test images. Besides top-1 it reports the
 top-1 agreement with FP32 and the images lost and gained against FP32 (with the paired drop and its
-standard error, as build's report). ``--equalize`` applies cross-layer equalization
-(``reparam.equalize``) to the fused model first, as build's option of that name.
+standard error, as build's report), and the mean max-abs logit error against FP32 on the evaluation
+images and on the calibration images (the gap between the two shows over-fitting). ``--equalize``
+applies cross-layer equalization (``reparam.equalize``) to the fused model first, as build's option of
+that name.
 Prints one JSON line.
 """
 
@@ -93,7 +95,10 @@ def main() -> None:
     result.update({"fp32": float((ref.argmax(1) == y).mean() * 100), "top1": float((out.argmax(1) == y).mean() * 100),
                    "agreement": float((ref.argmax(1) == out.argmax(1)).mean() * 100), **paired_drop(ref, out, y),
                    # a continuous measure of the same closeness: it ranks recipes whose flip counts tie
-                   "mean_max_abs_logit_error": float(np.abs(out - ref).max(1).mean())})
+                   "mean_max_abs_logit_error": float(np.abs(out - ref).max(1).mean()),
+                   # the same on the calibration images: far below the evaluation figure = over-fitted
+                   "calib_mean_max_abs_logit_error": float(np.abs(logits(qm.module, calib)
+                                                                  - logits(fused, calib)).max(1).mean())})
     if args.split:
         for q in qm.act_quantizers.values():
             q.mode = "off"
