@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 import repapq_deploy.models  # noqa: F401  (registers repvgg_nano / mobileone_nano with timm)
-from repapq_deploy.environment import hardware
 from repapq_deploy.load import LoadedModel, load_model
 from repapq_deploy.reparam import FuseReport, fuse_model
 
@@ -24,11 +23,6 @@ EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "fashion_mni
 # The bundled example after fusion: 9 convs + 1 linear; 4 of the convs (the stride-1 blocks) carry a
 # dominant identity tap that quantization splits off into a depthwise 1x1 conv and an add.
 EXAMPLE_LAYERS, EXAMPLE_SPLITS = 10, 4
-# ONNX Runtime's INT8 kernels compute what the Q/DQ graph says only where the CPU multiplies u8 x s8
-# without saturating: x86 without VNNI uses AVX2's vpmaddubsw, whose int16 pair sums saturate, and
-# the engine then strays from the fake-quant model (agreement 91-93 % on the bundled example's 128
-# images, session 13's AMD EPYC with AVX2 only). Exact-agreement checks apply where this is True.
-ORT_INT8_EXACT = hardware()["machine"] != "x86_64" or any(f.endswith("vnni") for f in hardware()["isa"])
 
 
 def example_act_quantizers(profile: str) -> int:

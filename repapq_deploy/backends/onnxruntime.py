@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, numpy_helper
 
 from repapq_deploy.artifacts import atomic_path
 from repapq_deploy.backends.base import Backend, EngineInfo, Runner
-from repapq_deploy.environment import ort_threads
+from repapq_deploy.environment import hardware, ort_threads
 
 # Ops that run convolutions/matmuls in integer arithmetic, and their float counterparts.
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "QGemm", "MatMulInteger", "QLinearMatMul",
@@ -53,6 +55,44 @@ class OrtRunner(Runner):
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
+def u8s8_saturates() -> bool:
+    """Whether ONNX Runtime's u8 x s8 kernels can saturate here: x86 without VNNI multiplies with AVX2's
+    vpmaddubsw, whose int16 sums of two products overflow (255 * 127 * 2 > 32767), so the engine
+    strays from the Q/DQ graph (2.8 pp on the bundled example, AMD EPYC with AVX2 only)."""
+    hw = hardware()
+    return hw["machine"] in ("x86_64", "AMD64") and not any(f.endswith("vnni") for f in hw["isa"])
+
+
+def unsigned_weights(model: onnx.ModelProto) -> int:
+    """Move every int8 weight that a DequantizeLinear reads to uint8 with its zero point + 128: the same
+    dequantized values, but ONNX Runtime then runs u8 x u8 kernels, which widen to int16 before
+    multiplying and cannot saturate. Returns how many weights moved."""
+    inits = {t.name: t for t in model.graph.initializer}
+    moved, detached = 0, set()
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        w = inits[node.input[0]]
+        if w.data_type != TensorProto.INT8:
+            continue
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zp = (numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2]
+              else np.zeros(scale.shape, np.int8))
+        w.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(w).astype(np.int16) + 128).astype(np.uint8),
+                                           w.name))
+        zp_name = f"{node.input[0]}_zero_point_u8"
+        model.graph.initializer.append(numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8),
+                                                               zp_name))
+        detached.update(node.input[2:])
+        del node.input[2:]
+        node.input.append(zp_name)
+        moved += 1
+    used = {i for n in model.graph.node for i in n.input}
+    for t in [t for t in model.graph.initializer if t.name in detached - used]:
+        model.graph.initializer.remove(t)
+    return moved
+
+
 class OnnxRuntimeBackend(Backend):
     """Real INT8 kernels on the CPU: ORT fuses DQ -> Conv -> Q into QLinearConv (and QGemm...)."""
 
@@ -64,7 +104,11 @@ class OnnxRuntimeBackend(Backend):
         return "CPUExecutionProvider" in ort.get_available_providers()
 
     def build(self, onnx_path: Path, engine_path: Path) -> EngineInfo:
-        with atomic_path(engine_path) as tmp:
+        with atomic_path(engine_path) as tmp, tempfile.TemporaryDirectory() as scratch:
+            model = onnx.load(str(onnx_path))
+            if u8s8_saturates() and unsigned_weights(model):
+                onnx_path = Path(scratch) / "model.u8u8.onnx"
+                onnx.save(model, str(onnx_path))
             so = ort.SessionOptions()
             so.log_severity_level = 3
             so.intra_op_num_threads = ort_threads()
