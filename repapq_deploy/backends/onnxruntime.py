@@ -66,21 +66,24 @@ def u8s8_saturates() -> bool:
 def unsigned_weights(model: onnx.ModelProto) -> int:
     """Move every int8 weight that a DequantizeLinear reads to uint8 with its zero point + 128: the same
     dequantized values, but ONNX Runtime then runs u8 x u8 kernels, which widen to int16 before
-    multiplying and cannot saturate. Returns how many weights moved."""
+    multiplying and cannot saturate. Returns how many DequantizeLinear nodes now read uint8 weights."""
     inits = {t.name: t for t in model.graph.initializer}
-    moved, detached = 0, set()
+    moved, detached, converted = 0, set(), set()
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
             continue
         w = inits[node.input[0]]
-        if w.data_type != TensorProto.INT8:
+        # a weight two DequantizeLinear nodes share is converted once; both get the new zero point
+        if w.data_type != TensorProto.INT8 and w.name not in converted:
             continue
         scale = numpy_helper.to_array(inits[node.input[1]])
         zp = (numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2]
               else np.zeros(scale.shape, np.int8))
-        w.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(w).astype(np.int16) + 128).astype(np.uint8),
-                                           w.name))
-        zp_name = f"{node.input[0]}_zero_point_u8"
+        if w.name not in converted:
+            w.CopyFrom(numpy_helper.from_array(
+                (numpy_helper.to_array(w).astype(np.int16) + 128).astype(np.uint8), w.name))
+            converted.add(w.name)
+        zp_name = f"{node.name or node.output[0]}_zero_point_u8"
         model.graph.initializer.append(numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8),
                                                                zp_name))
         detached.update(node.input[2:])
