@@ -61,3 +61,9 @@ def test_unknown_view_is_a_usage_error(example_dir, tmp_path):
                                        "hflip,rotate", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "rotate: unknown view" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_views_are_refused_for_range_methods(fused_example, calib_x):
+    qm = quantize_model(fused_example[0], QuantConfig("tensorrt", 8, 8))
+    with pytest.raises(DeployError, match="--calib-augment applies to reconstruction methods"):
+        calibrate(qm, calib_x[:16], "minmax", overrides={"augment": ("hflip",)})

@@ -253,7 +253,8 @@ def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: i
     t0 = time.perf_counter()
     details: dict = {}
     if overrides and method not in RECONSTRUCTION:
-        raise DeployError(f"--{next(iter(overrides))} applies to reconstruction methods "
+        option = {"augment": "calib-augment"}.get(next(iter(overrides)), next(iter(overrides)))
+        raise DeployError(f"--{option} applies to reconstruction methods "
                           f"({', '.join(RECONSTRUCTION)}), not --method {method}")
     with calibration_numerics(device):
         if method in METHODS:
