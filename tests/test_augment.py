@@ -33,6 +33,16 @@ def test_shift_moves_each_image_within_the_limit_and_is_seeded():
     assert not torch.equal(augment(x, ("shift",), 3), augment(x, ("shift",), 4))
 
 
+def test_mixup_blends_each_image_with_a_partner_and_stays_dominant():
+    x = torch.eye(32).reshape(32, 1, 4, 8)  # one-hot images: each pixel says which image it came from
+    mixed = augment(x, ("mixup",), 5)[32:].reshape(32, 32)
+    own = mixed.diagonal()
+    assert torch.all(own >= 0.5) and torch.all(own <= 1)
+    assert torch.allclose(mixed.sum(1), torch.ones(32))  # a convex blend of two images
+    assert ((mixed > 0).sum(1) <= 2).all() and ((mixed > 0).sum(1) == 2).sum() > 16
+    assert torch.equal(augment(x, ("mixup",), 5), augment(x, ("mixup",), 5))
+
+
 def test_bad_views_are_refused():
     with pytest.raises(DeployError, match="--calib-augment rotate"):
         augment(torch.zeros(2, 1, 4, 4), ("rotate",), 0)

@@ -31,9 +31,20 @@ def _shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
 
 
+def _mixup(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image blended with a seeded partner from the same set, ``lam * x_i + (1 - lam) * x_j`` with
+    ``lam`` uniform in [0.5, 1] (the image stays the dominant one): inputs between the calibration
+    images, where the quantized model has to match FP32 too (mixup as in knowledge distillation's
+    function matching)."""
+    partner = torch.randperm(len(x), generator=generator)
+    lam = (0.5 + 0.5 * torch.rand(len(x), generator=generator)).to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+    return lam * x + (1 - lam) * x[partner]
+
+
 AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "hflip": _hflip,
     "shift": _shift,
+    "mixup": _mixup,
 }
 
 
