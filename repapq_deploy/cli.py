@@ -94,9 +94,12 @@ def build_options(fn):
                           "off for repapq)."),
         click.option("--qdrop", type=click.FloatRange(0, 1), default=None,
                      help="QDrop probability during reconstruction (default: the method's, 0)."),
+        click.option("--gptq/--no-gptq", default=None,
+                     help="Round each unit's weights by GPTQ before reconstruction trains its steps and affine "
+                          "(weights then stay fixed; default: the method's)."),
         click.option("--calib-augment", callback=_views,
                      help="Extra views of the calibration images that reconstruction also fits, applied "
-                          "cumulatively: comma-separated hflip, shift (2 px), or none (default: the method's)."),
+                          "cumulatively: comma-separated hflip, shift (2 px), mixup, or none (default: the method's)."),
         click.option("--profile", type=click.Choice(["tensorrt", "onnxruntime"]),
                      help="Quantization scheme (default: the backend's)."),
         click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_b
 from repapq_deploy.backends.base import paired_speedup
 from repapq_deploy.backends.onnxruntime import OrtRunner
 from repapq_deploy.calibrate import calibrate
-from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION
+from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_settings
 from repapq_deploy.data.loader import (
     TENSOR_EXTENSIONS,
     Dataset,
@@ -94,6 +94,7 @@ class BuildOptions:
     preset: str = "default"
     adaround: bool | None = None  # None: the reconstruction method's own setting
     qdrop: float | None = None
+    gptq: bool | None = None  # None: the reconstruction method's own setting
     calib_augment: tuple[str, ...] | None = None  # None: the reconstruction method's own views
     profile: str | None = None
     backend: str = "auto"
@@ -129,6 +130,8 @@ class Build:
             opts.out = str(Path("engines") / Path(opts.model).name.split(".")[0])
         self.opts = opts
         self.out = Path(opts.out)
+        if opts.method in RECONSTRUCTION:
+            check_settings(replace(RECONSTRUCTION[opts.method], **self._recon_overrides()))
         self._check_out_dir()
         limit_threads(opts.threads)
         self.engine_backend, self.profile = resolve_backend(opts.backend, opts.profile)
@@ -304,11 +307,11 @@ class Build:
         return result
 
     def _recon_overrides(self) -> dict:
-        """Reconstruction settings the user changed from the method's own (--adaround, --qdrop,
+        """Reconstruction settings the user changed from the method's own (--adaround, --qdrop, --gptq,
         --calib-augment)."""
         o = self.opts
-        return {k: v for k, v in (("adaround", o.adaround), ("qdrop", o.qdrop), ("augment", o.calib_augment))
-                if v is not None}
+        return {k: v for k, v in (("adaround", o.adaround), ("qdrop", o.qdrop), ("gptq", o.gptq),
+                                  ("augment", o.calib_augment)) if v is not None}
 
     def _run_calibrate(self) -> dict:
         o = self.opts

@@ -33,6 +33,7 @@ import torch.nn as nn
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from repapq_deploy.calibrate.augment import augment
+from repapq_deploy.calibrate.gptq import gptq_unit
 from repapq_deploy.calibrate.methods import METHODS, set_ranges
 from repapq_deploy.errors import DeployError
 from repapq_deploy.progress import console, log
@@ -71,6 +72,10 @@ class ReconSettings:
     # error flips count most; weights are normalised to mean 1. 0: every image alike.
     hard_weight: float = 0.0
     hard_tau: float = 1.0
+    # GPTQ (calibrate.gptq): round each unit's weights from their input moments before training it;
+    # the weights and their step sizes then stay fixed (learned weights or steps would re-round them)
+    # and the activation steps and the affine learn on top
+    gptq: bool = False
     # extra views of the calibration images to reconstruct on (calibrate.augment; e.g. ("hflip",)):
     # more distinct inputs for the learned weights to fit without drawing more images
     augment: tuple[str, ...] = ()
@@ -232,9 +237,9 @@ def _unit_params(unit: Unit, settings: ReconSettings) -> dict[str, list[nn.Param
         if settings.adaround:
             m.weight_quantizer.enable_adaround(m.weight)
             params["rounding"].append(m.weight_quantizer.alpha)
-        elif settings.learn_scales:
+        elif settings.learn_scales and not settings.gptq:
             params["scales"].append(m.weight_quantizer.scale)
-        if settings.lr_weight > 0 and not settings.adaround:
+        if settings.lr_weight > 0 and not settings.adaround and not settings.gptq:
             params["weights"].append(m.weight)
         if m.has_affine:
             params["affine"] += [m.eta, m.eps]
@@ -359,12 +364,19 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
     return before, after
 
 
+def check_settings(settings: ReconSettings) -> None:
+    """Refuse option combinations that contradict each other (before any work is done)."""
+    if settings.gptq and settings.adaround:
+        raise DeployError("--gptq and --adaround both choose the weight rounding; use one (--no-adaround)")
+
+
 def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, preset: str, batch_size: int,
                 device: str, seed: int) -> dict:
     """Calibrate ``qm`` on ``data`` with a reconstruction recipe; returns details for the report."""
     if preset not in PRESETS:
         raise DeployError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
     settings = replace(base, **PRESETS[preset])
+    check_settings(settings)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
@@ -389,6 +401,8 @@ def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, pre
             qm.set_mode("off")
             y_fp = _forward_all(unit.module, x_fp, batch_size, device, Path(spill))
             qm.set_mode("quant")
+            if settings.gptq:
+                gptq_unit(unit.module, x_q, batch_size, device)
             before, after = _train_unit(unit, x_q, y_fp, settings, batch_size, device, generator, weights)
             per_unit.append({"unit": unit.name, "mae_before": before, "mae_after": after})
             x_q = _forward_all(unit.module, x_q, batch_size, device, Path(spill))
