@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_b
 from repapq_deploy.backends.base import paired_speedup
 from repapq_deploy.backends.onnxruntime import OrtRunner
 from repapq_deploy.calibrate import calibrate
-from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_settings
+from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_recipe
 from repapq_deploy.data.loader import (
     TENSOR_EXTENSIONS,
     Dataset,
@@ -130,8 +130,7 @@ class Build:
             opts.out = str(Path("engines") / Path(opts.model).name.split(".")[0])
         self.opts = opts
         self.out = Path(opts.out)
-        if opts.method in RECONSTRUCTION:
-            check_settings(replace(RECONSTRUCTION[opts.method], **self._recon_overrides()))
+        check_recipe(opts.method, self._recon_overrides())  # before any stage writes anything
         self._check_out_dir()
         limit_threads(opts.threads)
         self.engine_backend, self.profile = resolve_backend(opts.backend, opts.profile)

@@ -106,3 +106,6 @@ def test_cli_gptq_reaches_the_recipe_and_the_engine_matches(tmp_path, example_di
     result = runner.invoke(main, ["build", *common, "--method", "brecq", "--gptq", "--out", str(tmp_path / "bad")])
     assert result.exit_code != 0 and "--gptq and --adaround" in result.output
     assert not (tmp_path / "bad").exists()  # refused before any stage ran
+    result = runner.invoke(main, ["build", *common, "--method", "minmax", "--gptq", "--out", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "--gptq applies to reconstruction methods" in result.output
+    assert not (tmp_path / "bad").exists()

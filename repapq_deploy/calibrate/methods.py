@@ -245,17 +245,14 @@ def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: i
 
     ``overrides`` change fields of a reconstruction method's settings (e.g. ``adaround``, ``qdrop``).
     """
-    from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, reconstruct
+    from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_recipe, reconstruct
 
     if method not in METHODS and method not in RECONSTRUCTION:
         raise DeployError(f"--method {method}: unknown; choose one of {', '.join(all_methods())}")
     device = resolve_device(device)
     t0 = time.perf_counter()
     details: dict = {}
-    if overrides and method not in RECONSTRUCTION:
-        option = {"augment": "calib-augment"}.get(next(iter(overrides)), next(iter(overrides)))
-        raise DeployError(f"--{option} applies to reconstruction methods "
-                          f"({', '.join(RECONSTRUCTION)}), not --method {method}")
+    check_recipe(method, overrides or {})
     with calibration_numerics(device):
         if method in METHODS:
             set_ranges(qm, data, METHODS[method], METHODS[method], batch_size, device)

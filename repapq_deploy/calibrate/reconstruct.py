@@ -365,9 +365,21 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
 
 
 def check_settings(settings: ReconSettings) -> None:
-    """Refuse option combinations that contradict each other (before any work is done)."""
+    """Refuse option combinations that contradict each other."""
     if settings.gptq and settings.adaround:
         raise DeployError("--gptq and --adaround both choose the weight rounding; use one (--no-adaround)")
+
+
+def check_recipe(method: str, overrides: dict) -> None:
+    """Refuse reconstruction options (``overrides`` of :class:`ReconSettings` fields) that do not apply
+    to ``method`` or contradict each other; cheap, so a build can check before any stage runs."""
+    if method not in RECONSTRUCTION:
+        if overrides:
+            option = {"augment": "calib-augment"}.get(next(iter(overrides)), next(iter(overrides)))
+            raise DeployError(f"--{option} applies to reconstruction methods "
+                              f"({', '.join(RECONSTRUCTION)}), not --method {method}")
+        return
+    check_settings(replace(RECONSTRUCTION[method], **overrides))
 
 
 def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, preset: str, batch_size: int,
