@@ -15,16 +15,16 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _reference import ensure_calib_set, ensure_test_set
+from _reference import ensure_calib_set, ensure_test_set, logit_error, logits
 from rich.console import Console
 from rich.table import Table
 
+from repapq_deploy.artifacts import write_json
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate.gptq import gptq_unit
 from repapq_deploy.environment import hardware
@@ -32,11 +32,6 @@ from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import QuantizedModel, quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES, equalize
-
-
-def logits(module: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        return torch.cat([module(x[i:i + 500]) for i in range(0, len(x), 500)]).numpy()
 
 
 def measure(qm: QuantizedModel, weights_only: bool, data: dict[str, tuple[torch.Tensor, np.ndarray]]) -> dict:
@@ -47,7 +42,7 @@ def measure(qm: QuantizedModel, weights_only: bool, data: dict[str, tuple[torch.
     row = {}
     for name, (x, ref) in data.items():
         out = logits(qm.module, x)
-        row[f"{name}_logit_error"] = float(np.abs(out - ref).max(1).mean())
+        row[f"{name}_logit_error"] = logit_error(out, ref)
         if name == "test":
             row["flips"] = int((out.argmax(1) != ref.argmax(1)).sum())
     return row
@@ -87,9 +82,7 @@ def main() -> None:
               "gptq_seconds": round(seconds, 1), "rows": rows, "hardware": hardware()}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(args.out)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

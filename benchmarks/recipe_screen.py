@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _reference import ensure_calib_set, ensure_holdout_set, ensure_test_set
+from _reference import ensure_calib_set, ensure_holdout_set, ensure_test_set, logit_error, logits
 
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
@@ -39,15 +39,6 @@ from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES, equalize
 from repapq_deploy.verify.report import paired_drop
-
-
-def logits(module: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
-    with torch.no_grad():
-        return torch.cat([module(x[i:i + 500]) for i in range(0, len(x), 500)]).numpy()
-
-
-def top1(module: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> float:
-    return float((logits(module, x).argmax(1) == y).mean() * 100)
 
 
 def main() -> None:
@@ -99,22 +90,21 @@ def main() -> None:
     result.update({"fp32": float((ref.argmax(1) == y).mean() * 100), "top1": float((out.argmax(1) == y).mean() * 100),
                    "agreement": float((ref.argmax(1) == out.argmax(1)).mean() * 100), **paired_drop(ref, out, y),
                    # a continuous measure of the same closeness: it ranks recipes whose flip counts tie
-                   "mean_max_abs_logit_error": float(np.abs(out - ref).max(1).mean()),
+                   "mean_max_abs_logit_error": logit_error(out, ref),
                    # the same on the calibration images: far below the evaluation figure = over-fitted
-                   "calib_mean_max_abs_logit_error": float(np.abs(logits(qm.module, calib)
-                                                                  - logits(fused, calib)).max(1).mean())})
+                   "calib_mean_max_abs_logit_error": logit_error(logits(qm.module, calib), logits(fused, calib))})
     if args.split:
         for q in qm.act_quantizers.values():
             q.mode = "off"
         out = logits(qm.module, x)
         result["weights_only"] = float((out.argmax(1) == y).mean() * 100)
-        result["weights_only_logit_error"] = float(np.abs(out - ref).max(1).mean())
+        result["weights_only_logit_error"] = logit_error(out, ref)
         qm.set_mode("quant")
         for layer in qm.weight_layers.values():
             layer.weight_quantizer.enabled = False
         out = logits(qm.module, x)
         result["activations_only"] = float((out.argmax(1) == y).mean() * 100)
-        result["activations_only_logit_error"] = float(np.abs(out - ref).max(1).mean())
+        result["activations_only_logit_error"] = logit_error(out, ref)
     print(json.dumps(result))
 
 
