@@ -108,10 +108,11 @@ class OnnxRuntimeBackend(Backend):
 
     def build(self, onnx_path: Path, engine_path: Path) -> EngineInfo:
         with atomic_path(engine_path) as tmp, tempfile.TemporaryDirectory() as scratch:
-            model = onnx.load(str(onnx_path))
-            if u8s8_saturates() and unsigned_weights(model):
-                onnx_path = Path(scratch) / "model.u8u8.onnx"
-                onnx.save(model, str(onnx_path))
+            if u8s8_saturates():  # only then is the graph read and rewritten
+                model = onnx.load(str(onnx_path))
+                if unsigned_weights(model):
+                    onnx_path = Path(scratch) / "model.u8u8.onnx"
+                    onnx.save(model, str(onnx_path))
             so = ort.SessionOptions()
             so.log_severity_level = 3
             so.intra_op_num_threads = ort_threads()

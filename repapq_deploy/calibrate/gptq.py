@@ -12,6 +12,8 @@ reproduces exactly.
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,10 +60,8 @@ def input_moments(module: nn.Module, layer: QuantConv2d | QuantLinear, x: torch.
     handle = layer.register_forward_pre_hook(hook)
     try:
         for i in range(0, len(x), batch_size):
-            try:
+            with suppress(_Collected):  # raised by the hook once the layer's input is collected
                 module(x[i:i + batch_size].to(device))
-            except _Collected:
-                pass
     finally:
         handle.remove()
     return moments
