@@ -52,6 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from repapq_deploy.environment import hardware, versions
+from repapq_deploy.quant.scheme import OFFSET_RELU_MODES
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES
 
 SETTINGS = [("W8A8", "onnxruntime", 8, 8), ("W8A8", "tensorrt", 8, 8), ("W6A6", "onnxruntime", 6, 8),
@@ -196,6 +197,8 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where calibration runs")
     ap.add_argument("--add-bits", type=int, choices=[8, 6], default=8,
                     help="grid of the tensors only an Add reads (build --add-bits)")
+    ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none",
+                    help="build --offset-relu for the tensorrt-profile builds (the onnxruntime profile has uint8)")
     ap.add_argument("--equalize", choices=EQUALIZE_MODES, default="none",
                     help="build's --equalize; other than none, the rows are named 'METHOD (equalize MODE)' and "
                          "build in their own folder, so --merge adds them beside the plain rows")
@@ -215,6 +218,10 @@ def main() -> None:
     calib, test = ref.ensure_calib_set(args.calib_count, args.seed), ref.ensure_test_set()
     settings = [s for s in SETTINGS if f"{s[0]}:{s[1]}" in args.settings.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
+
+    def offset_relu(profile: str) -> str:
+        return args.offset_relu if profile == "tensorrt" else "none"
+
     for spec in args.models.split(","):
         arch, epochs, warmup = ref.parse_model_spec(spec)
         model = ref.ensure_model(arch, epochs, warmup) / "model.safetensors"
@@ -222,7 +229,8 @@ def main() -> None:
         work = ref.CACHE / "calibration" / (ref.model_name(arch, epochs, warmup)
                                             + (f"-seed{args.seed}" if args.seed else "")
                                             + ("" if args.split_identity else "-nosplit")
-                                            + ("" if args.equalize == "none" else f"-eq{args.equalize}"))
+                                            + ("" if args.equalize == "none" else f"-eq{args.equalize}")
+                                            + ("" if args.offset_relu == "none" else f"-offset{args.offset_relu}"))
         common = {"model": str(model), "calib": str(calib), "calib_count": None, "eval": str(test),
                   "backend": "onnxruntime", "bench_seconds": 0.1, "seed": args.seed, "device": args.device,
                   "threads": 1 if args.jobs > 1 else None, "split_identity": args.split_identity,
@@ -233,7 +241,8 @@ def main() -> None:
             out = work / f"{row['method']}-{row['preset']}-{row['profile']}-w{row['bits']}-fl{row['first_last_bits']}"
             specs.append(({**common, "out": str(out), "method": "repapq" if row["method"] == "init" else row["method"],
                            "preset": row["preset"] if row["preset"] != "-" else "default", "profile": row["profile"],
-                           "bits": row["bits"], "first_last_bits": row["first_last_bits"]}, None))
+                           "bits": row["bits"], "first_last_bits": row["first_last_bits"],
+                           "offset_relu": offset_relu(row["profile"])}, None))
         if args.ablations:
             for name, change in ABLATIONS.items():
                 for label, profile, bits, fl in [s for s in settings if s[0] == "W6A6" and s[1] == "tensorrt"]:
@@ -241,14 +250,15 @@ def main() -> None:
                     todo.append({"method": name, "preset": "default", "setting": label, "profile": profile,
                                  "bits": bits, "first_last_bits": fl})
                     specs.append(({**common, "out": str(out), "method": "repapq-variant", "preset": "default",
-                                   "profile": profile, "bits": bits, "first_last_bits": fl}, change))
+                                   "profile": profile, "bits": bits, "first_last_bits": fl,
+                                   "offset_relu": offset_relu(profile)}, change))
         if args.equalize != "none":
             for row in todo:
                 row["method"] += f" (equalize {args.equalize})"
         console.print(f"{arch}: {len(specs)} builds, {args.jobs} at a time")
         measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         rows = [{**row, **r, "device": args.device, "split_identity": args.split_identity, "add_bits": args.add_bits,
-                 "equalize": args.equalize}
+                 "equalize": args.equalize, "offset_relu": offset_relu(row["profile"])}
                 for row, r in zip(todo, run_builds(specs, args.jobs), strict=True)]
         fp32 = rows[0]["fp32"]
         if args.peers:

@@ -2,7 +2,7 @@
 
     python benchmarks/recipe_screen.py BUILD_DIR --profile tensorrt --bits 8 --method repapq --preset fast \
         [--recipe '{"adaround": true}'] [--split] [--holdout 10000] [--no-split-identity] [--add-bits 8|6] \
-        [--equalize none|depthwise|all] [--equalize-alpha 0.5]
+        [--equalize none|depthwise|all] [--equalize-alpha 0.5] [--offset-relu none|unpadded|all]
 
 ``BUILD_DIR`` is a build folder of ``benchmarks/calibration.py`` (its ``fused.pt`` is used), e.g.
 ``~/.cache/repapq-deploy/fmnist/calibration/repvgg_a0-e15/minmax---tensorrt-w8-fl8``. ``--recipe``
@@ -36,7 +36,7 @@ from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
 from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import quantize_model
-from repapq_deploy.quant.scheme import QuantConfig
+from repapq_deploy.quant.scheme import OFFSET_RELU_MODES, QuantConfig
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES, equalize
 from repapq_deploy.verify.report import paired_drop
 
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--equalize", choices=EQUALIZE_MODES, default="none", help="build's --equalize")
     ap.add_argument("--equalize-alpha", type=float, default=0.5,
                     help="migration strength of dense equalization pairs (reparam.equalize)")
+    ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none", help="build's --offset-relu")
     ap.add_argument("--calib-count", type=int, default=1024)
     ap.add_argument("--holdout", type=int, default=0, help="evaluate on this many held-out training images")
     args = ap.parse_args()
@@ -73,13 +74,15 @@ def main() -> None:
         method = "screened"
     # the identity split decided on the calibration images, as build does
     config, _ = decide_identity_split(fused, calib, QuantConfig(args.profile, args.bits, 8, args.split_identity,
-                                                                  add_bits=args.add_bits))
+                                                                  add_bits=args.add_bits,
+                                                                  offset_relu=args.offset_relu))
     qm = quantize_model(fused, config)
     t0 = time.perf_counter()
     calibrate(qm, calib, method, preset=args.preset)
     result = {"build": str(args.build), "profile": args.profile, "bits": args.bits, "method": args.method,
               "split_identity": args.split_identity, "split_layers": len(config.split_layers or ()),
-              "add_bits": args.add_bits, "equalize": args.equalize,
+              "add_bits": args.add_bits, "offset_relu": args.offset_relu, "equalize": args.equalize,
+              "offset_tensors": sum(q.fmt.offset > 0 for q in qm.act_quantizers.values()),
               "equalize_alpha": args.equalize_alpha, "equalized_pairs": len(eq_report.pairs),
               "preset": args.preset, "recipe": recipe,
               "eval": f"holdout{args.holdout}" if args.holdout else "test10k",

@@ -21,6 +21,7 @@ from repapq_deploy.calibrate.methods import all_methods
 from repapq_deploy.errors import DeployError
 from repapq_deploy.pipeline import STAGES, Build, BuildOptions
 from repapq_deploy.progress import console, log
+from repapq_deploy.quant.scheme import OFFSET_RELU_MODES
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES
 
 
@@ -76,6 +77,11 @@ def build_options(fn):
         click.option("--add-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
                      help="Bits of tensors quantized only because an integer Add needs them (no weighted "
                           "layer reads them); 6 makes --bits 6 quantize those too."),
+        click.option("--offset-relu", type=click.Choice(list(OFFSET_RELU_MODES)), default="none", show_default=True,
+                     help="TensorRT profile, 8 bits: give post-ReLU tensors all 256 int8 levels by storing x - 128 s "
+                          "and adding the constant back through the reading layers' biases ('unpadded': only "
+                          "tensors read by linear layers and unpadded convs; 'all': padded convs too, with a "
+                          "constant border map after them). Without it they use [0, 127]."),
         click.option("--split-identity/--no-split-identity", default=True, show_default=True,
                      help="Keep each fused kernel's dominant identity tap as a depthwise 1x1 conv beside it, "
                           "so it does not set the kernel's quantization range (one extra conv and add per "

@@ -88,6 +88,7 @@ class BuildOptions:
     bits: int = 8
     first_last_bits: int = 8
     add_bits: int = 8
+    offset_relu: str = "none"
     split_identity: bool = True
     equalize: str = "all"
     method: str = "repapq"
@@ -135,7 +136,7 @@ class Build:
         limit_threads(opts.threads)
         self.engine_backend, self.profile = resolve_backend(opts.backend, opts.profile)
         self.qconfig = QuantConfig(self.profile, opts.bits, opts.first_last_bits, opts.split_identity,
-                                   add_bits=opts.add_bits)
+                                   add_bits=opts.add_bits, offset_relu=opts.offset_relu)
         self.manifest = Manifest(self.out / MANIFEST, versions())
         self.results: dict[str, dict] = {}
         self._fused: torch.nn.Module | None = None

@@ -134,3 +134,34 @@ def _ort_session(model_or_path) -> ort.InferenceSession:
 def ort_session():
     """``ort_session(onnx_model_or_path)``: see :func:`_ort_session`."""
     return _ort_session
+
+
+class OffsetNet(nn.Module):
+    """Post-ReLU tensors with every kind of reader ``--offset-relu`` distinguishes: an unpadded 1x1 conv,
+    a padded strided depthwise conv, an unpadded 3x3 conv, a MaxPool and the classifier."""
+
+    # activation quantizers in placement order: stem input (signed), pw, dw, valid, pool and fc inputs
+    OFFSET = {"none": [], "unpadded": [1, 3, 5], "all": [1, 2, 3, 5]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+        self.valid = nn.Conv2d(16, 16, 3)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.pw(x))
+        x = torch.relu(self.dw(x))
+        x = self.pool(torch.relu(self.valid(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.fixture(scope="session")
+def offset_net() -> tuple[nn.Module, torch.Tensor]:
+    """An :class:`OffsetNet` with fixed random weights and 64 inputs of 1 x 16 x 16."""
+    torch.manual_seed(0)
+    return OffsetNet().eval(), torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(2))

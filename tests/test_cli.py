@@ -269,6 +269,31 @@ def test_changed_method_reruns_calibrate_and_later_only(ort8, tmp_path):
     assert json.loads((out / "report.json").read_text())["calibration"]["method"] == "minmax"
 
 
+def test_offset_relu_rebuilds_from_calibrate_with_a_matching_export(build_of, tmp_path):
+    import onnx
+
+    out = copy_build(build_of("tensorrt", 8).out, tmp_path / "offset")
+    result = cli(*pipeline_args("build", out, "--profile", "tensorrt", "--offset-relu", "all", "--method", "minmax"))
+    assert result.exit_code == 0, result.output
+    assert stage_log(result)[0] == {"calibrate", "export", "engine", "verify"}
+    assert manifest(out)["stages"]["calibrate"]["options"]["offset_relu"] == "all"
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["check"]["agreement_top1"] == 100
+    nodes = onnx.load(str(out / "model.qdq.onnx")).graph.node
+    producer = {o: n.op_type for n in nodes for o in n.output}
+    # the example's unsplit convs and its classifier read offset tensors, each stored through a Sub before
+    # its Q; every weighted layer still reads a DequantizeLinear (the shift went into the biases)
+    subs = [n for n in nodes if n.op_type == "Sub"]
+    assert subs and all([n.op_type for n in nodes if sub.output[0] in n.input] == ["QuantizeLinear"] for sub in subs)
+    assert all(producer[n.input[0]] == "DequantizeLinear" for n in nodes if n.op_type in ("Conv", "Gemm"))
+
+
+def test_offset_relu_on_the_onnxruntime_profile_is_refused(tmp_path):
+    out = tmp_path / "out"
+    result = cli("build", MODEL, "--calib", CALIB, "--out", out, "--profile", "onnxruntime", "--offset-relu", "all")
+    assert_clean_failure(result, out, "--offset-relu all", "--profile tensorrt")
+
+
 def test_force_reruns_every_stage(ort8, tmp_path):
     out = copy_build(ort8.out, tmp_path / "forced")
     result = cli(*pipeline_args("build", out, "--profile", "onnxruntime", "--force"))

@@ -285,3 +285,61 @@ def test_graph_summary_of_a_handmade_graph(tmp_path: Path) -> None:
     path = tmp_path / "tiny.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)]), str(path))
     assert graph_summary(path) == {"opset": 15, "nodes": 3, "ops": {"Abs": 1, "Relu": 2}}
+
+
+# ------------------------------------------------------------------------------------ --offset-relu
+
+
+@pytest.fixture(scope="module")
+def offset_exports(tmp_path_factory, offset_net) -> dict[str, tuple[QuantizedModel, Graph]]:
+    net, x = offset_net
+    out, root = {}, tmp_path_factory.mktemp("offset")
+    for mode in ("none", "unpadded", "all"):
+        qm = quantize_model(net, QuantConfig("tensorrt", 8, 8, offset_relu=mode))
+        calibrate(qm, x, "minmax")
+        export_qdq(qm, x, root / f"{mode}.onnx")
+        out[mode] = (qm, Graph(root / f"{mode}.onnx"))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["none", "unpadded", "all"])
+def test_offset_relu_export_matches_pytorch(offset_exports, offset_net, mode: str) -> None:
+    qm, g = offset_exports[mode]
+    check = check_against_torch(qm, g.path, offset_net[1])
+    assert check.agreement_top1 == 100.0
+    assert check.max_rel_diff < 0.05  # the folded bias sums in another order: at most a rounding flip or two
+
+
+@pytest.mark.parametrize("mode", ["unpadded", "all"])
+def test_offset_relu_graph_shape(offset_exports, mode: str) -> None:
+    from conftest import OffsetNet
+
+    qm, g = offset_exports[mode]
+    offsets = [q for q in qm.act_quantizers.values() if q.fmt.offset]
+    assert len(offsets) == len(OffsetNet.OFFSET[mode])
+    subs = g.of("Sub")
+    assert len(subs) == len(offsets)
+    for sub in subs:  # Sub(x, 128 s) -> int8 Q with scale s and zero point 0
+        q = next(n for n in g.of("QuantizeLinear") if n.input[0] == sub.output[0])
+        assert g.init(q.input[2]).dtype == np.int8 and g.init(q.input[2]) == 0
+        assert g.init(sub.input[1]) == np.float32(g.init(q.input[1]) * 128)
+    # every weighted layer reads a DequantizeLinear directly (the Add of the shift is folded away) ...
+    for layer in g.of("Conv") + g.of("Gemm"):
+        assert g.producer_op(layer.input[0]) == "DequantizeLinear", layer.name
+    # ... and only the padded depthwise conv needs a border map, zero away from the border
+    adds = g.of("Add")
+    assert len(adds) == (1 if mode == "all" else 0)
+    if adds:
+        border = g.init(adds[0].input[1])
+        assert border.shape == (1, 16, 8, 8) and g.producer_op(adds[0].input[0]) == "Conv"
+        assert np.all(border[:, :, 1:, 1:] == 0) and np.any(border[:, :, 0] != 0)  # stride 2: top/left pad only
+
+
+@pytest.mark.parametrize("mode", ["none", "unpadded", "all"])
+def test_offset_relu_graph_is_lint_clean_for_tensorrt(offset_exports, mode: str) -> None:
+    from repapq_deploy.export.fp16 import convert_to_fp16
+    from repapq_deploy.export.lint import lint_model
+
+    _, g = offset_exports[mode]
+    assert [v.rule for v in lint_model(g.model, "tensorrt")] == ["fp32-region"]  # the float32 graph
+    assert lint_model(convert_to_fp16(g.model), "tensorrt") == []

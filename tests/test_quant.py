@@ -47,8 +47,15 @@ def test_profiles_weight_and_activation_formats() -> None:
     six = PROFILES["tensorrt"].activation_format(6, nonnegative=True)
     assert six == IntFormat(6, False, int8_storage=True) and (six.qmin, six.qmax) == (0, 63) and six.storage_signed
     assert PROFILES["tensorrt"].activation_format(6, nonnegative=False) == IntFormat(6, True)
+    # --offset-relu: [0, 255] stored shifted by -128 in int8, only where asked for and only on TensorRT
+    off = PROFILES["tensorrt"].activation_format(8, nonnegative=True, offset=True)
+    assert off == IntFormat(8, False, int8_storage=True) and (off.qmin, off.qmax, off.offset) == (0, 255, 128)
+    assert off.storage_signed and not off.emulated
+    assert PROFILES["tensorrt"].activation_format(8, nonnegative=False, offset=True) == IntFormat(8, True)
+    assert PROFILES["onnxruntime"].activation_format(8, nonnegative=True, offset=True) == IntFormat(8, False)
+    assert six.offset == 0 and IntFormat(8, False).offset == 0
     with pytest.raises(ValueError):
-        IntFormat(8, False, int8_storage=True)  # [0, 255] does not fit int8
+        IntFormat(8, True, int8_storage=True)  # a signed grid is int8 already
 
 
 # ------------------------------------------------------------------------------------ fake_quant vs ONNX Runtime
@@ -121,6 +128,29 @@ def test_fake_quant_bit_exact_with_onnxruntime(fmt: IntFormat, clip: str | None,
     assert got.max() == np.float32(fmt.qmax) * s and got.min() == np.float32(fmt.qmin) * s
 
 
+@pytest.mark.parametrize("scale", [0.25, 0.0371])
+def test_offset_fake_quant_bit_exact_with_onnxruntime(scale: float, ort_session) -> None:
+    """The offset grid as exported: Sub(x, 128 s) -> Q(int8) -> DQ -> Add(128 s)."""
+    fmt = IntFormat(8, False, int8_storage=True)
+    s = np.float32(scale)
+    shift = numpy_helper.from_array(np.array(s * 128, np.float32), "shift")
+    nodes = [helper.make_node("Sub", ["x", "shift"], ["xs"]),
+             helper.make_node("QuantizeLinear", ["xs", "s", "zp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["dq"]),
+             helper.make_node("Add", ["dq", "shift"], ["y"])]
+    graph = helper.make_graph(nodes, "offset", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+                              [shift, numpy_helper.from_array(np.array(s), "s"),
+                               numpy_helper.from_array(np.array(0, np.int8), "zp")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = _values(scale, IntFormat(8, False))
+    expected = ort_session(model).run(None, {"x": x})[0]
+    got = fake_quant(torch.from_numpy(x), torch.tensor(s), fmt).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert got.min() == 0 and got.max() == np.float32(255) * s  # all 256 levels, zero exactly representable
+    assert np.unique(got).size == 256
+
+
 def test_fake_quant_rounds_half_to_even_and_saturates() -> None:
     s = torch.tensor(0.5)
     x = torch.tensor([0.25, 0.75, 1.25, -0.25, -0.75, -1.25, 63.75, 1e6, -1e6])  # x / s: .5, 1.5, 2.5, ...
@@ -153,6 +183,8 @@ def test_fake_quant_straight_through_gradient() -> None:
     ({"first_last_bits": 4}, "--first-last-bits 4"),
     ({"add_bits": 7}, "--add-bits 7"),
     ({"profile": "tflite"}, "--profile tflite"),
+    ({"offset_relu": "some"}, "--offset-relu some"),
+    ({"profile": "onnxruntime", "offset_relu": "all"}, "--offset-relu all"),  # uint8 there already
 ])
 def test_quant_config_rejects(kwargs: dict, option: str) -> None:
     with pytest.raises(DeployError) as info:
@@ -427,3 +459,22 @@ def test_quantize_model_splits_exactly_the_chosen_layers(fused_example, calib_x)
     assert QuantConfig("tensorrt", split_layers=["a"]).split_layers == ("a",)  # as read back from qstate.pt
     with pytest.raises(DeployError, match="cannot split the identity taps of"):
         quantize_model(gm, QuantConfig("tensorrt", 8, 8, split_layers=("stem.conv",)))
+
+
+@pytest.mark.parametrize("mode", ["none", "unpadded", "all"])
+@pytest.mark.parametrize("bits", [8, 6])
+def test_offset_relu_picks_the_tensors_whose_readers_take_the_constant_back(offset_net, mode: str, bits: int) -> None:
+    from conftest import OffsetNet
+
+    net, _ = offset_net
+    qm = quantize_model(net, QuantConfig("tensorrt", bits, 8, offset_relu=mode))
+    quantizers = list(qm.act_quantizers.values())
+    assert len(quantizers) == 6
+    offset = [i for i, q in enumerate(quantizers) if q.fmt.offset]
+    # at 6 bits only the classifier's input (8 bits, first/last convention) is an 8-bit post-ReLU tensor
+    assert offset == (OffsetNet.OFFSET[mode] if bits == 8 else [5] if mode != "none" else [])
+    for i in offset:
+        assert quantizers[i].fmt == IntFormat(8, False, int8_storage=True) and quantizers[i].nonnegative
+    assert not quantizers[0].nonnegative  # the image
+    # the MaxPool's input: its reader cannot take a constant back, so it keeps TensorRT's usual grid
+    assert quantizers[4].fmt == (IntFormat(8, True) if bits == 8 else IntFormat(6, False, int8_storage=True))

@@ -58,7 +58,8 @@ def _constant_value(t: gs.Tensor) -> np.ndarray | None:
 
 
 def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
-    graph = gs.import_onnx(model)
+    # static C, H, W of every tensor: an offset read by a padded conv needs its border map
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
     for node in [n for n in graph.nodes if n.op == "Identity" and isinstance(n.inputs[0], gs.Constant)]:
         # the exporter de-duplicates equal initializers through Identity nodes
         out = node.outputs[0]
@@ -84,6 +85,7 @@ def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
         relu.outputs.clear()
     _fold_quantized_pads(graph)
     _drop_clips_the_grid_implies(graph)
+    _fold_activation_offsets(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
@@ -175,6 +177,89 @@ def _drop_clips_the_grid_implies(graph: gs.Graph) -> None:
         clip.outputs.clear()
 
 
+def _dequantized_weight(t: gs.Tensor) -> np.ndarray | None:
+    """The float weight behind ``DQ(int8 initializer, per-channel scale, axis 0)``, else None."""
+    if len(t.inputs) != 1 or t.inputs[0].op != "DequantizeLinear":
+        return None
+    dq = t.inputs[0]
+    w, scale = _constant_value(dq.inputs[0]), _constant_value(dq.inputs[1])
+    zp = _constant_value(dq.inputs[2]) if len(dq.inputs) > 2 else np.zeros(1)
+    if w is None or scale is None or zp is None or np.any(zp != 0) or dq.attrs.get("axis", 1) != 0:
+        return None
+    return w.astype(np.float64) * scale.astype(np.float64).reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+def _offset_terms(layer: gs.Node, t: gs.Tensor, shift: float) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """What ``layer`` reading ``t - shift`` instead of ``t`` must add back: a per-channel bias term and,
+    for a conv with zero padding, the border map on top of it (``[1, C, H, W]``, zero inside); None
+    where the layer cannot take it (not a plain Conv/Gemm on an int8 weight, or shapes unknown)."""
+    w = _dequantized_weight(layer.inputs[1]) if len(layer.inputs) > 1 else None
+    if w is None or layer.inputs[0] is not t or (len(layer.inputs) > 2 and _constant_value(layer.inputs[2]) is None):
+        return None  # (a DQ'd int32 bias is ONNX Runtime's; its profile never offsets)
+    if layer.op == "Gemm":
+        a = layer.attrs
+        if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or w.ndim != 2:
+            return None
+        return shift * (w.sum(axis=1) if a.get("transB", 0) else w.sum(axis=0)), None
+    if layer.op != "Conv" or w.ndim != 4 or layer.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return None
+    interior = shift * w.sum(axis=(1, 2, 3))
+    pads = list(layer.attrs.get("pads", [0, 0, 0, 0]))
+    if not any(pads):
+        return interior, None
+    shape = t.shape
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    # the padded positions read -shift instead of 0: convolve just them (exactly 0 where a window
+    # lies inside the image)
+    padded_at = torch.nn.functional.pad(torch.zeros((1, *shape[1:]), dtype=torch.float64),
+                                        (pads[1], pads[3], pads[0], pads[2]), value=shift)
+    border = torch.nn.functional.conv2d(padded_at, torch.from_numpy(w),
+                                        stride=tuple(layer.attrs.get("strides", [1, 1])),
+                                        dilation=tuple(layer.attrs.get("dilations", [1, 1])),
+                                        groups=layer.attrs.get("group", 1)).numpy()
+    return interior, -border
+
+
+def _fold_activation_offsets(graph: gs.Graph) -> None:
+    """``Sub(x, c) -> Q -> DQ -> Add(c) -> Conv/Gemm`` (an offset 8-bit grid, IntFormat.offset) becomes
+    ``Sub(x, c) -> Q -> DQ -> Conv/Gemm`` with ``c * sum(W)`` added to the bias, plus, for a conv with
+    zero padding, a constant border map added to its output (its padded zeros now read as ``-c``).
+    Exact up to float32 round-off. TensorRT runs the Sub in the producing conv's epilogue and the
+    bias in the reader's; the map is an elementwise sum with a constant after the conv."""
+    for add in [n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2]:
+        src, c = add.inputs
+        shift = _constant_value(c)
+        if shift is None or shift.size != 1 or len(src.inputs) != 1 or src.inputs[0].op != "DequantizeLinear":
+            continue
+        q_in = src.inputs[0].inputs[0]
+        q = q_in.inputs[0] if len(q_in.inputs) == 1 else None
+        sub = q.inputs[0].inputs[0] if q is not None and q.op == "QuantizeLinear" and q.inputs[0].inputs else None
+        if sub is None or sub.op != "Sub" or not np.array_equal(_constant_value(sub.inputs[1]), shift):
+            continue
+        out = add.outputs[0]
+        terms = [_offset_terms(layer, out, float(shift.reshape(-1)[0])) for layer in out.outputs]
+        if not terms or any(t is None for t in terms) or out in graph.outputs:
+            continue
+        for layer, (bias_term, border) in zip(list(out.outputs), terms, strict=True):
+            bias = _constant_value(layer.inputs[2]) if len(layer.inputs) > 2 else np.zeros(bias_term.shape)
+            new_bias = gs.Constant(f"{layer.name}_offset_bias",
+                                   (bias.astype(np.float64) + bias_term).astype(np.float32))
+            if len(layer.inputs) > 2:
+                layer.inputs[2] = new_bias
+            else:
+                layer.inputs.append(new_bias)
+            layer.inputs[0] = src
+            if border is not None:
+                y = layer.outputs[0]
+                pre = gs.Variable(f"{y.name}_before_border", dtype=y.dtype, shape=y.shape)
+                layer.outputs[0] = pre
+                graph.layer(op="Add", name=f"{layer.name}_offset_border",
+                            inputs=[pre, gs.Constant(f"{layer.name}_offset_border_map", border.astype(np.float32))],
+                            outputs=[y])
+        add.outputs.clear()
+
+
 def export_fp32(model: nn.Module, sample: torch.Tensor, path: str | Path, opset: int = 17) -> None:
     """Export the fused FP32 model (the reference every speed/accuracy figure is compared with)."""
     _export(model.eval(), sample, Path(path), opset)
@@ -201,13 +286,15 @@ class ExportCheck:
         return asdict(self)
 
 
-def reference_session(path: str | Path) -> ort.InferenceSession:
-    """ONNX Runtime with every graph optimization off: executes the graph exactly as written."""
+def reference_session(path: str | Path | bytes) -> ort.InferenceSession:
+    """ONNX Runtime with every graph optimization off: executes the graph (a file, or a serialized
+    model) exactly as written."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     so.intra_op_num_threads = ort_threads()
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so,
+                                providers=["CPUExecutionProvider"])
 
 
 @torch.no_grad()

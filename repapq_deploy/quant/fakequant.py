@@ -27,6 +27,11 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     """Quantize-dequantize ``x`` with ``scale`` (broadcastable) on ``fmt``'s grid."""
+    if fmt.offset:
+        # the same float operations as the exported Sub -> Q -> DQ -> (+ shift), so ties round alike
+        shift = scale * fmt.offset
+        q = torch.clamp(_round_ste((x - shift) / scale), fmt.qmin - fmt.offset, fmt.qmax - fmt.offset)
+        return q * scale + shift
     return torch.clamp(_round_ste(x / scale), fmt.qmin, fmt.qmax) * scale
 
 
@@ -42,16 +47,24 @@ class _ActQDQ(torch.autograd.Function):
     ``clip`` is ``"float"`` (Clip before Q: TensorRT fuses it into the producing conv), ``"integer"``
     (Clip on the integer tensor between Q and DQ: ONNX Runtime still fuses DQ-Conv-Q into
     QLinearConv around it) or ``"none"``. All three compute ``clamp(round(x / s), qmin, qmax) * s``.
+    With ``offset`` (IntFormat.offset) the grid is stored shifted: ``Sub(x, shift) -> Q -> DQ -> Add(shift)``.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, lo, hi, qmin: int, qmax: int, storage_signed: bool, clip: str, zero_point: int):  # noqa: ARG004
-        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+    def forward(ctx, x, scale, lo, hi, shift, qmin: int, qmax: int, storage_signed: bool, clip: str,  # noqa: ARG004
+                zero_point: int, offset: int):
+        return torch.clamp(torch.round((x - shift) / scale), qmin - offset, qmax - offset) * scale + shift
 
     @staticmethod
-    def symbolic(g, x, scale, lo, hi, qmin, qmax, storage_signed, clip, zero_point):
+    def symbolic(g, x, scale, lo, hi, shift, qmin, qmax, storage_signed, clip, zero_point, offset):
         if clip == "float":
             x = g.op("Clip", x, lo, hi)
+        if offset:
+            # [0, 255] in int8: store x - shift (shift = offset * s); the Add after the DQ restores x,
+            # and export.onnx folds it into the bias of the layers that read the tensor
+            dq = _ActQDQ.symbolic(g, g.op("Sub", x, shift), scale, lo, hi, shift, qmin - offset,
+                                  qmax - offset, storage_signed, "none", 0, 0)
+            return g.op("Add", dq, shift)
         if zero_point:
             # signed grid [qmin, qmax] stored as uint8 [qmin + zp, qmax + zp]: Q/DQ compute the same values
             zp = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
@@ -126,8 +139,9 @@ class ActQuantizer(nn.Module):
             lo = self.scale.detach() * self.fmt.qmin
             hi = self.scale.detach() * self.fmt.qmax
             clip = ("integer" if self.integer_clip else "float") if self.fmt.emulated else "none"
-            return _ActQDQ.apply(x, self.scale.detach(), lo, hi, self.fmt.qmin, self.fmt.qmax,
-                                 self.fmt.storage_signed, clip, self.zero_point)
+            shift = self.scale.detach() * self.fmt.offset
+            return _ActQDQ.apply(x, self.scale.detach(), lo, hi, shift, self.fmt.qmin, self.fmt.qmax,
+                                 self.fmt.storage_signed, clip, self.zero_point, self.fmt.offset)
         q = fake_quant(x, self.scale, self.fmt)
         if self.training and self.drop_prob > 0:
             return torch.where(torch.rand_like(x) < self.drop_prob, x, q)

@@ -324,9 +324,40 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
                 if kind in ("conv", "linear") and profile.int32_bias:
                     qm.weight_layers[node.target].attach_input_quantizer(modules[qn.target])
     graph.eliminate_dead_code()
+    if config.offset_relu != "none":
+        _offset_relu_grids(qm, modules, padded=config.offset_relu == "all")
     graph.lint()
     gm.recompile()
     return qm
+
+
+def _offset_relu_grids(qm: QuantizedModel, modules: dict[str, nn.Module], padded: bool) -> None:
+    """Give 8-bit non-negative quantizers the offset grid [0, 255] (IntFormat.offset) where every
+    reader is a linear layer or a conv (without zero padding unless ``padded``): only those can take
+    the stored tensor's -128 s back through their bias (export.onnx folds it). A pool, pad, add or
+    concat reading the tensor keeps the [0, 127] grid."""
+    profile = qm.config.scheme
+    readers: dict[str, list[fx.Node]] = {}
+    for node in qm.module.graph.nodes:
+        if node.op == "call_module" and node.target in qm.act_quantizers:
+            readers.setdefault(node.target, []).extend(node.users)
+    for name, users in readers.items():
+        aq = qm.act_quantizers[name]
+        if not (aq.nonnegative and aq.fmt.bits == 8 and users):
+            continue
+        if all(_takes_offset(u, modules, padded) for u in users):
+            aq.fmt = profile.activation_format(8, True, offset=True)
+
+
+def _takes_offset(node: fx.Node, modules: dict[str, nn.Module], padded: bool) -> bool:
+    kind = op_kind(node, modules)
+    if kind == "linear":
+        return True
+    if kind != "conv":
+        return False
+    conv = modules[node.target]
+    unpadded = all(p == 0 for p in conv.padding) if isinstance(conv.padding, tuple) else conv.padding == "valid"
+    return conv.padding_mode == "zeros" and (padded or unpadded)
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:

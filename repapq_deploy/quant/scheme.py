@@ -14,14 +14,16 @@ class IntFormat:
     bits: int
     signed: bool
     narrow: bool = False
-    # an unsigned grid narrower than 8 bits kept in int8 storage, [0, 2^bits - 1] within [-128, 127]:
-    # TensorRT has no uint8, but a 6-bit post-ReLU tensor still gets all 64 levels (DESIGN.md's
-    # Clip(x, 0, 63 s) before an int8 QuantizeLinear)
+    # an unsigned grid kept in int8 storage. Below 8 bits it fits as it is, [0, 2^bits - 1] within
+    # [-128, 127]: TensorRT has no uint8, but a 6-bit post-ReLU tensor still gets all 64 levels
+    # (DESIGN.md's Clip(x, 0, 63 s) before an int8 QuantizeLinear). At 8 bits [0, 255] is stored
+    # shifted by -128 (see ``offset``): the tensor is exported as ``x - 128 s`` and the layers that
+    # read it add the constant back through their bias.
     int8_storage: bool = False
 
     def __post_init__(self) -> None:
-        if self.int8_storage and (self.signed or self.bits >= 8):
-            raise ValueError("int8 storage of an unsigned grid needs fewer than 8 bits")
+        if self.int8_storage and (self.signed or self.bits > 8):
+            raise ValueError("int8 storage of an unsigned grid needs at most 8 bits")
 
     @property
     def storage_signed(self) -> bool:
@@ -37,6 +39,11 @@ class IntFormat:
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def offset(self) -> int:
+        """The integer subtracted before storage: 128 for [0, 255] in int8, else 0."""
+        return 2 ** (self.bits - 1) if self.int8_storage and self.bits == 8 else 0
 
     @property
     def emulated(self) -> bool:
@@ -58,17 +65,20 @@ class Profile:
     # to a signed one (a linear-bottleneck projection) or back only fuses when both are uint8.
     signed_as_uint8: bool = False
     # Non-negative tensors below 8 bits use the unsigned grid inside int8 storage (see IntFormat); at
-    # 8 bits [0, 255] does not fit int8, so TensorRT's post-ReLU tensors keep 7 of their 8 bits.
+    # 8 bits [0, 255] does not fit int8, so TensorRT's post-ReLU tensors keep 7 of their 8 bits unless
+    # they are offset (``offset=True`` below, QuantConfig.offset_relu).
     unsigned_in_int8: bool = False
 
     def weight_format(self, bits: int) -> IntFormat:
         # Both backends: symmetric per-channel, narrow range [-(2^(b-1)-1), 2^(b-1)-1].
         return IntFormat(bits, signed=True, narrow=True)
 
-    def activation_format(self, bits: int, nonnegative: bool) -> IntFormat:
+    def activation_format(self, bits: int, nonnegative: bool, offset: bool = False) -> IntFormat:
+        """The grid of a per-tensor activation quantizer. ``offset`` allows the shifted 8-bit unsigned
+        grid in int8 storage (only where the readers can take the constant back, see placement)."""
         if nonnegative and self.unsigned_nonnegative:
             return IntFormat(bits, signed=False)
-        if nonnegative and self.unsigned_in_int8 and bits < 8:
+        if nonnegative and self.unsigned_in_int8 and (bits < 8 or offset):
             return IntFormat(bits, signed=False, int8_storage=True)
         return IntFormat(bits, signed=True)
 
@@ -79,6 +89,12 @@ PROFILES: dict[str, Profile] = {
     "onnxruntime": Profile("onnxruntime", unsigned_nonnegative=True, add_quantizes_both_inputs=True,
                            int32_bias=True, integer_clip=True, signed_as_uint8=True),
 }
+
+
+# "unpadded": tensors read only by linear layers and by convs without zero padding (the constant
+# folds into their bias exactly); "all": also convs with zero padding, which get a constant border
+# map added to their output (the padded zeros would otherwise read as -128 s)
+OFFSET_RELU_MODES = ("none", "unpadded", "all")
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,9 @@ class QuantConfig:
     split_layers: tuple[str, ...] | None = None
     # the grid of tensors quantized only because an integer Add needs them (never a conv's input)
     add_bits: int = 8
+    # TensorRT at 8 bits: which post-ReLU tensors get all 256 levels by an offset of -128 s that the
+    # reading layers' biases take back (OFFSET_RELU_MODES); the rest keep [0, 127]
+    offset_relu: str = "none"
 
     def __post_init__(self) -> None:
         if self.split_layers is not None:  # a list when read back from qstate.pt
@@ -105,6 +124,12 @@ class QuantConfig:
                        ("--add-bits", self.add_bits)):
             if b not in (6, 8):
                 raise DeployError(f"{opt} {b}: unsupported; use 8, or 6 (emulated on 8-bit kernels)")
+        if self.offset_relu not in OFFSET_RELU_MODES:
+            raise DeployError(f"--offset-relu {self.offset_relu}: unknown; "
+                              f"choose one of {', '.join(OFFSET_RELU_MODES)}")
+        if self.offset_relu != "none" and not self.scheme.unsigned_in_int8:
+            raise DeployError(f"--offset-relu {self.offset_relu}: only for --profile tensorrt (profile "
+                              f"{self.profile} stores post-ReLU tensors as uint8 already); use --offset-relu none")
 
     @property
     def scheme(self) -> Profile:
