@@ -255,6 +255,9 @@ def main() -> None:
         if args.equalize != "none":
             for row in todo:
                 row["method"] += f" (equalize {args.equalize})"
+        for row in todo:
+            if offset_relu(row["profile"]) != "none":
+                row["method"] += f" (offset-relu {args.offset_relu})"
         console.print(f"{arch}: {len(specs)} builds, {args.jobs} at a time")
         measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         rows = [{**row, **r, "device": args.device, "split_identity": args.split_identity, "add_bits": args.add_bits,
