@@ -2,7 +2,7 @@
 
     python benchmarks/efficientnet_lite0.py [--methods percentile,minmax] [--profiles onnxruntime,tensorrt]
         [--preset fast] [--append] [--head flatten|view] [--model-format pt2|pickle] [--tag NAME]
-        [--calib-format npz|folder] [--calib-count 64] [--bench-seconds 1] [--gptq] [--work DIR]
+        [--calib-format npz|folder] [--calib-count 64] [--bench-seconds 1] [--gptq] [--offset-relu MODE] [--work DIR]
         [--out benchmarks/results/efficientnet_lite0]
 
 The results in ``benchmarks/results/efficientnet_lite0/`` came from
@@ -62,6 +62,7 @@ from repapq_deploy.environment import hardware  # noqa: E402
 from repapq_deploy.errors import DeployError  # noqa: E402
 from repapq_deploy.load import load_model  # noqa: E402
 from repapq_deploy.pipeline import Build, BuildOptions  # noqa: E402
+from repapq_deploy.quant.scheme import OFFSET_RELU_MODES  # noqa: E402
 
 SIZE, RESIZE = 224, 256
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
@@ -251,6 +252,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gptq", action="store_true", help="reconstruction methods round weights by GPTQ (build's --gptq)")
+    ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none",
+                    help="build's --offset-relu for the tensorrt profile (the onnxruntime profile has uint8)")
     ap.add_argument("--work", type=Path, default=None, help="build folders (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/efficientnet_lite0")
     args = ap.parse_args()
@@ -316,6 +319,8 @@ def main() -> None:
     for profile, method, preset in configs:
         name = f"w{args.bits}a{args.bits}_{profile}_{method}" + (f"_{preset}" if method in RECONSTRUCTION else "")
         name += "_gptq" if args.gptq and method in RECONSTRUCTION else ""
+        offset = args.offset_relu if profile == "tensorrt" else "none"
+        name += f"_offset{offset}" if offset != "none" else ""
         name += f"_{args.tag}" if args.tag else ""
         console.print(f"[bold]== {name}[/bold]")
         opts = BuildOptions(
@@ -325,7 +330,7 @@ def main() -> None:
             batch_size=args.batch_size, input_size=(3, SIZE, SIZE), mean=LITE_MEAN, std=LITE_STD,
             # npz is taken as preprocessed; the PNG folder holds 224x224 crops already, so resize to 224
             resize=SIZE if args.calib_format == "folder" else None, bench_seconds=args.bench_seconds,
-            gptq=True if args.gptq and method in RECONSTRUCTION else None)
+            gptq=True if args.gptq and method in RECONSTRUCTION else None, offset_relu=offset)
         row = run_one(name, opts, args.out / "reports")
         row.update(profile=profile, method=method, preset=preset)
         if "error" in row:
