@@ -225,8 +225,8 @@ def _fold_activation_offsets(graph: gs.Graph) -> None:
     """``Sub(x, c) -> Q -> DQ -> Add(c) -> Conv/Gemm`` (an offset 8-bit grid, IntFormat.offset) becomes
     ``Sub(x, c) -> Q -> DQ -> Conv/Gemm`` with ``c * sum(W)`` added to the bias, plus, for a conv with
     zero padding, a constant border map added to its output (its padded zeros now read as ``-c``).
-    Exact up to float32 round-off. TensorRT runs the Sub in the producing conv's epilogue and the
-    bias in the reader's; the map is an elementwise sum with a constant after the conv."""
+    Exact up to float32 round-off. The Sub is meant to fuse into the producing conv's epilogue and the
+    map (an elementwise sum with a constant) into the reading conv's, in TensorRT; not verified here."""
     for add in [n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2]:
         src, c = add.inputs
         shift = _constant_value(c)
