@@ -21,18 +21,20 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from _reference import ensure_test_set, logit_error, write_results
 from onnx import numpy_helper
 from rich.console import Console
 from rich.table import Table
 
-from repapq_deploy.export.fp16 import FP16_MAX
+from repapq_deploy.export.fp16 import fp16_initializer
 from repapq_deploy.export.onnx import INPUT_NAME, reference_session
-from repapq_deploy.verify.report import paired_drop
+from repapq_deploy.verify.report import paired_drop, predict
 
 
 def rounded_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` whose float32 initializers hold float16 values; also how many it changed."""
+    """A copy of ``model`` whose float32 initializers hold the float16 values the FP16 conversion
+    gives them (``export.fp16.fp16_initializer``), kept as float32; also how many it changed."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     changed = 0
@@ -40,7 +42,7 @@ def rounded_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if init.data_type != onnx.TensorProto.FLOAT:
             continue
         value = numpy_helper.to_array(init)
-        rounded = np.clip(value, -FP16_MAX, FP16_MAX).astype(np.float16).astype(np.float32)
+        rounded = numpy_helper.to_array(fp16_initializer(init)).astype(np.float32)
         if not np.array_equal(rounded, value):
             changed += 1
             init.CopyFrom(numpy_helper.from_array(rounded, init.name))
@@ -48,8 +50,9 @@ def rounded_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def run(model: onnx.ModelProto | Path, x: np.ndarray) -> np.ndarray:
+    """Logits of ``model`` run by ONNX Runtime's reference mode on ``x``, with a progress bar."""
     session = reference_session(model.SerializeToString() if isinstance(model, onnx.ModelProto) else model)
-    return np.concatenate([session.run(None, {INPUT_NAME: x[i:i + 500]})[0] for i in range(0, len(x), 500)])
+    return predict(lambda a: session.run(None, {INPUT_NAME: a})[0], torch.from_numpy(x), "ORT reference", 500)
 
 
 def measure(build: Path, x: np.ndarray, y: np.ndarray) -> dict:

@@ -234,7 +234,8 @@ def _float32_slots(node: onnx.NodeProto) -> list[int]:
     return [i for i, name in enumerate(node.input) if name and (node.op_type, i) in FLOAT32_SLOTS]
 
 
-def _to_fp16(tensor: onnx.TensorProto) -> onnx.TensorProto:
+def fp16_initializer(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """``tensor`` (float32) as the float16 initializer :func:`convert_to_fp16` writes for it."""
     # Finite values beyond the float16 range saturate rather than become inf: a -1e9 mask or a FLT_MAX
     # Clip bound keeps its meaning, and inf - inf cannot turn into NaN downstream.
     value = numpy_helper.to_array(tensor)
@@ -252,19 +253,19 @@ def _convert_node_attrs(node: onnx.NodeProto) -> None:
     if node.op_type == "Constant":
         for attr in node.attribute:
             if attr.name == "value" and attr.t.data_type == FLOAT:
-                attr.t.CopyFrom(_to_fp16(attr.t))
+                attr.t.CopyFrom(fp16_initializer(attr.t))
             elif attr.name in ("value_float", "value_floats"):
                 # no float16 counterpart of these scalar/list attributes: store a float16 tensor instead
                 value = np.asarray(attr.f if attr.name == "value_float" else list(attr.floats), np.float32)
                 node.attribute.remove(attr)
-                node.attribute.append(helper.make_attribute("value", _to_fp16(numpy_helper.from_array(value))))
+                node.attribute.append(helper.make_attribute("value", fp16_initializer(numpy_helper.from_array(value))))
                 break  # a Constant has exactly one value attribute
     elif node.op_type == "ConstantOfShape":
         value = next((a for a in node.attribute if a.name == "value"), None)
         if value is None:  # the default fill is a float32 zero
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, np.float16))))
         elif value.t.data_type == FLOAT:
-            value.t.CopyFrom(_to_fp16(value.t))
+            value.t.CopyFrom(fp16_initializer(value.t))
     elif node.op_type == "Cast":
         for attr in node.attribute:
             if attr.name == "to" and attr.i == FLOAT:
@@ -276,7 +277,7 @@ def _convert_graph(graph: onnx.GraphProto, types: dict[str, int], pinned: set[st
     """Retype ``graph`` (and, recursively, its subgraphs) in place; main-graph inputs/outputs excepted."""
     for init in graph.initializer:
         if init.data_type == FLOAT and init.name not in pinned:
-            init.CopyFrom(_to_fp16(init))
+            init.CopyFrom(fp16_initializer(init))
     for vi in graph.value_info:
         if vi.name not in pinned:
             _retype(vi, types.get(vi.name))
