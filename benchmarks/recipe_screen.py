@@ -83,6 +83,7 @@ def main() -> None:
               "split_identity": args.split_identity, "split_layers": len(config.split_layers or ()),
               "add_bits": args.add_bits, "offset_relu": args.offset_relu, "equalize": args.equalize,
               "offset_tensors": sum(q.fmt.offset > 0 for q in qm.act_quantizers.values()),
+              "act_quantizers": len(qm.act_quantizers),
               "equalize_alpha": args.equalize_alpha, "equalized_pairs": len(eq_report.pairs),
               "preset": args.preset, "recipe": recipe,
               "eval": f"holdout{args.holdout}" if args.holdout else "test10k",

@@ -324,6 +324,10 @@ class Build:
             log(f"  identity split: {len(qconfig.split_layers)} of {len(errors)} candidate convs "
                 f"(where it at least halves the output error)")
         qm = quantize_model(fused, qconfig)
+        offset = sum(q.fmt.offset > 0 for q in qm.act_quantizers.values())
+        if qconfig.offset_relu != "none":
+            log(f"  offset-relu {qconfig.offset_relu}: {offset} of {len(qm.act_quantizers)} activation quantizers "
+                "on [0, 255] stored as x - 128 s")
         result = calibrate(qm, self.calib_data.x, o.method, o.batch_size, device=o.device, preset=o.preset,
                            seed=o.seed, overrides=self._recon_overrides())
         save_torch({"scales": qm.scales(), "layers": qm.layer_tensors(), "config": qconfig.to_dict(),
@@ -332,6 +336,8 @@ class Build:
         out = result.to_dict()
         if equalized.pairs:
             out["equalize"] = equalized.to_dict()
+        if qconfig.offset_relu != "none":
+            out["offset_relu"] = {"offset": offset, "quantizers": len(qm.act_quantizers)}
         if qconfig.split_identity:
             out["identity_split"] = {n: {"relative_error": plain, "relative_error_split": split,
                                          "split": n in qconfig.split_layers}

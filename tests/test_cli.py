@@ -276,7 +276,11 @@ def test_offset_relu_rebuilds_from_calibrate_with_a_matching_export(build_of, tm
     result = cli(*pipeline_args("build", out, "--profile", "tensorrt", "--offset-relu", "all", "--method", "minmax"))
     assert result.exit_code == 0, result.output
     assert stage_log(result)[0] == {"calibrate", "export", "engine", "verify"}
-    assert manifest(out)["stages"]["calibrate"]["options"]["offset_relu"] == "all"
+    calibrated = manifest(out)["stages"]["calibrate"]
+    assert calibrated["options"]["offset_relu"] == "all"
+    counted = calibrated["result"]["offset_relu"]
+    assert 0 < counted["offset"] < counted["quantizers"]
+    assert f"offset-relu all: {counted['offset']} of {counted['quantizers']}" in result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["check"]["agreement_top1"] == 100
     nodes = onnx.load(str(out / "model.qdq.onnx")).graph.node
@@ -284,7 +288,8 @@ def test_offset_relu_rebuilds_from_calibrate_with_a_matching_export(build_of, tm
     # the example's unsplit convs and its classifier read offset tensors, each stored through a Sub before
     # its Q; every weighted layer still reads a DequantizeLinear (the shift went into the biases)
     subs = [n for n in nodes if n.op_type == "Sub"]
-    assert subs and all([n.op_type for n in nodes if sub.output[0] in n.input] == ["QuantizeLinear"] for sub in subs)
+    assert len(subs) == counted["offset"]
+    assert all([n.op_type for n in nodes if sub.output[0] in n.input] == ["QuantizeLinear"] for sub in subs)
     assert all(producer[n.input[0]] == "DequantizeLinear" for n in nodes if n.op_type in ("Conv", "Gemm"))
 
 
