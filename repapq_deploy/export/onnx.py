@@ -58,8 +58,9 @@ def _constant_value(t: gs.Tensor) -> np.ndarray | None:
 
 
 def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
-    # static C, H, W of every tensor: an offset read by a padded conv needs its border map
-    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    # an offset grid (its Sub before a Q) read by a padded conv needs the static C, H, W of its border map
+    offsets = any(n.op_type == "Sub" for n in model.graph.node)
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model) if offsets else model)
     for node in [n for n in graph.nodes if n.op == "Identity" and isinstance(n.inputs[0], gs.Constant)]:
         # the exporter de-duplicates equal initializers through Identity nodes
         out = node.outputs[0]
