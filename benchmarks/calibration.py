@@ -199,7 +199,7 @@ def main() -> None:
                     help="grid of the tensors only an Add reads (build --add-bits)")
     ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none",
                     help="build --offset-relu for the tensorrt-profile builds (the onnxruntime profile has uint8)")
-    ap.add_argument("--equalize", choices=EQUALIZE_MODES, default="none",
+    ap.add_argument("--equalize", choices=["auto", *EQUALIZE_MODES], default="none",
                     help="build's --equalize; other than none, the rows are named 'METHOD (equalize MODE)' and "
                          "build in their own folder, so --merge adds them beside the plain rows")
     ap.add_argument("--merge", action="store_true",

@@ -86,10 +86,11 @@ def build_options(fn):
                      help="Keep each fused kernel's dominant identity tap as a depthwise 1x1 conv beside it, "
                           "so it does not set the kernel's quantization range (one extra conv and add per "
                           "RepVGG/MobileOne block)."),
-        click.option("--equalize", type=click.Choice(list(EQUALIZE_MODES)), default="all", show_default=True,
+        click.option("--equalize", type=click.Choice(["auto", *EQUALIZE_MODES]), default="auto", show_default=True,
                      help="Cross-layer equalization before calibration (exact rescaling of conv pairs across a "
                           "ReLU): depthwise = pairs whose second conv is depthwise (free for the weights), "
-                          "all = every conv pair."),
+                          "all = every conv pair; auto = all for repapq/brecq, and for a range method the mode "
+                          "whose logits are closest to FP32 on the calibration images."),
         click.option("--method", type=click.Choice(all_methods()), default="repapq", show_default=True,
                      help="Calibration method: reconstruction (repapq, brecq) or a range method (minutes vs "
                           "seconds; percentile is the quickest good one)."),

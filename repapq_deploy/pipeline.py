@@ -23,6 +23,7 @@ from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_b
 from repapq_deploy.backends.base import paired_speedup
 from repapq_deploy.backends.onnxruntime import OrtRunner
 from repapq_deploy.calibrate import calibrate
+from repapq_deploy.calibrate.equalize_choice import choose_equalization
 from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_recipe
 from repapq_deploy.data.loader import (
     TENSOR_EXTENSIONS,
@@ -90,7 +91,7 @@ class BuildOptions:
     add_bits: int = 8
     offset_relu: str = "none"
     split_identity: bool = True
-    equalize: str = "all"
+    equalize: str = "auto"  # see calibrate.equalize_choice
     method: str = "repapq"
     preset: str = "default"
     adaround: bool | None = None  # None: the reconstruction method's own setting
@@ -293,7 +294,9 @@ class Build:
 
     def calibrate(self) -> dict:
         o = self.opts
-        options = {"method": o.method, "preset": o.preset, "equalize": o.equalize, **self._recon_overrides(),
+        # a reconstruction method's auto is always "all": recorded as such, so its builds keep their hash
+        eq_option = "all" if o.equalize == "auto" and o.method in RECONSTRUCTION else o.equalize
+        options = {"method": o.method, "preset": o.preset, "equalize": eq_option, **self._recon_overrides(),
                    **self.qconfig.to_dict(),
                    "calib_count": o.calib_count,
                    "seed": o.seed,
@@ -316,9 +319,16 @@ class Build:
     def _run_calibrate(self) -> dict:
         o = self.opts
         torch.manual_seed(o.seed)
-        fused, equalized = equalize(self.fused, self.calib_data.x, o.equalize, o.batch_size)
+        mode, tried = o.equalize, {}
+        if mode == "auto":
+            mode, tried = choose_equalization(self.fused, self.calib_data.x, self.qconfig, o.method, o.batch_size,
+                                              o.device)
+            if tried:
+                log("  --equalize auto: " + mode + " (relative logit error on the calibration images: "
+                    + ", ".join(f"{m} {e:.2e}" for m, e in tried.items()) + ")")
+        fused, equalized = equalize(self.fused, self.calib_data.x, mode, o.batch_size)
         if equalized.pairs:
-            log(f"  cross-layer equalization ({o.equalize}): {len(equalized.pairs)} conv pairs rescaled")
+            log(f"  cross-layer equalization ({mode}): {len(equalized.pairs)} conv pairs rescaled")
         qconfig, errors = decide_identity_split(fused, self.calib_data.x, self.qconfig, o.batch_size)
         if qconfig.split_identity:
             log(f"  identity split: {len(qconfig.split_layers)} of {len(errors)} candidate convs "
@@ -336,6 +346,8 @@ class Build:
         out = result.to_dict()
         if equalized.pairs:
             out["equalize"] = equalized.to_dict()
+        if tried:
+            out["equalize_auto"] = {"mode": mode, "relative_logit_error": tried}
         if qconfig.offset_relu != "none":
             out["offset_relu"] = {"offset": offset, "quantizers": len(qm.act_quantizers)}
         if qconfig.split_identity:

@@ -132,3 +132,55 @@ def test_alpha_one_equalizes_dense_pairs_activations(fused_example, calib_x) -> 
                                                  strict=True))
     with pytest.raises(ValueError, match="alpha"):
         equalize(fused, x, "all", alpha=1.5)
+
+
+def test_logit_error_is_relative_mean_square(fused_example, calib_x) -> None:
+    from repapq_deploy.calibrate.equalize_choice import logit_error
+
+    fused, _ = fused_example
+    assert logit_error(fused, fused, calib_x[:16]) == 0.0
+    # doubling the outputs leaves an error as large as the outputs themselves
+    assert logit_error(lambda x: 2 * fused(x), fused, calib_x[:16]) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_auto_keeps_all_for_reconstruction_and_measures_range_methods(fused_example, fused_mobileone,
+                                                                      calib_x) -> None:
+    from repapq_deploy.calibrate.equalize_choice import choose_equalization, logit_error
+    from repapq_deploy.calibrate.methods import calibrate
+    from repapq_deploy.quant.identity_split import decide_identity_split
+    from repapq_deploy.quant.placement import quantize_model
+    from repapq_deploy.quant.scheme import QuantConfig
+
+    fused, _ = fused_example
+    config = QuantConfig(bits=6)
+    x = calib_x[:32]
+    assert choose_equalization(fused, x, config, "repapq") == ("all", {})
+    # RepVGG has dense pairs only: depthwise rescales nothing, so it is tried once, as none
+    mode, errors = choose_equalization(fused, x, config, "minmax")
+    assert set(errors) == {"none", "all"} and errors[mode] == min(errors.values())
+    # the recorded error is that of the model calibrated under that mode
+    eq, _ = equalize(fused, x, "all")
+    qm = quantize_model(eq, decide_identity_split(eq, x, config)[0])
+    calibrate(qm, x, "minmax")
+    assert logit_error(qm.module, eq, x) == pytest.approx(errors["all"], rel=1e-6)
+    # MobileOne has both kinds of pairs: three distinct candidates
+    _, errors = choose_equalization(fused_mobileone, _x(32), config, "percentile")
+    assert set(errors) == {"none", "depthwise", "all"}
+
+
+def test_build_default_auto_records_its_choice(example_dir, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from repapq_deploy.cli import main
+
+    result = CliRunner().invoke(main, [
+        "build", str(example_dir / "model.safetensors"), "--calib", str(example_dir / "calib.npz"), "--calib-count",
+        "64", "--eval", str(example_dir / "eval.npz"), "--eval-count", "128", "--method", "minmax", "--bits", "6",
+        "--bench-seconds", "0.1", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    calibration = json.loads(result.stdout)["calibration"]
+    choice = calibration["equalize_auto"]
+    errors = choice["relative_logit_error"]
+    assert set(errors) == {"none", "all"} and errors[choice["mode"]] == min(errors.values())
+    assert len(calibration.get("equalize", {}).get("pairs", {})) == (8 if choice["mode"] == "all" else 0)
+    assert "--equalize auto: " + choice["mode"] in result.output
