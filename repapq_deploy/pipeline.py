@@ -22,8 +22,7 @@ from repapq_deploy.artifacts import atomic_path, save_torch, sha256_path, write_
 from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_backend
 from repapq_deploy.backends.base import paired_speedup
 from repapq_deploy.backends.onnxruntime import OrtRunner
-from repapq_deploy.calibrate import calibrate
-from repapq_deploy.calibrate.equalize_choice import choose_equalization
+from repapq_deploy.calibrate.equalize_choice import calibrate_under, choose_equalization
 from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_recipe
 from repapq_deploy.data.loader import (
     TENSOR_EXTENSIONS,
@@ -47,11 +46,9 @@ from repapq_deploy.export.onnx import INPUT_NAME, reference_session
 from repapq_deploy.load import LoadedModel, load_model, zip_names
 from repapq_deploy.manifest import Manifest
 from repapq_deploy.progress import log
-from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import QuantizedModel, quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
-from repapq_deploy.reparam.equalize import equalize
 from repapq_deploy.verify import (
     ACCURACY_PNG,
     LATENCY_PNG,
@@ -318,36 +315,35 @@ class Build:
 
     def _run_calibrate(self) -> dict:
         o = self.opts
-        torch.manual_seed(o.seed)
-        mode, tried = o.equalize, {}
-        if mode == "auto":
-            mode, tried = choose_equalization(self.fused, self.calib_data.x, self.qconfig, o.method, o.batch_size,
-                                              o.device)
+        args = (self.fused, self.calib_data.x, self.qconfig, o.method, o.batch_size, o.device)
+        kwargs = {"preset": o.preset, "seed": o.seed, "overrides": self._recon_overrides()}
+        tried: dict[str, float] = {}
+        if o.equalize == "auto":
+            done, tried, search_seconds = choose_equalization(*args, **kwargs)
             if tried:
-                log("  --equalize auto: " + mode + " (relative logit error on the calibration images: "
-                    + ", ".join(f"{m} {e:.2e}" for m, e in tried.items()) + ")")
-        fused, equalized = equalize(self.fused, self.calib_data.x, mode, o.batch_size)
+                log(f"  --equalize auto: {done.mode} (relative logit error on the calibration images: "
+                    + ", ".join(f"{m} {e:.2e}" for m, e in tried.items()) + f"; {search_seconds:.1f} s)")
+        else:
+            done = calibrate_under(o.equalize, *args, **kwargs)
+        qconfig, qm, equalized, errors = done.qconfig, done.qm, done.equalized, done.split_errors
         if equalized.pairs:
-            log(f"  cross-layer equalization ({mode}): {len(equalized.pairs)} conv pairs rescaled")
-        qconfig, errors = decide_identity_split(fused, self.calib_data.x, self.qconfig, o.batch_size)
+            log(f"  cross-layer equalization ({done.mode}): {len(equalized.pairs)} conv pairs rescaled")
         if qconfig.split_identity:
             log(f"  identity split: {len(qconfig.split_layers)} of {len(errors)} candidate convs "
                 f"(where it at least halves the output error)")
-        qm = quantize_model(fused, qconfig)
         offset = sum(q.fmt.offset > 0 for q in qm.act_quantizers.values())
         if qconfig.offset_relu != "none":
             log(f"  offset-relu {qconfig.offset_relu}: {offset} of {len(qm.act_quantizers)} activation quantizers "
                 "on [0, 255] stored as x - 128 s")
-        result = calibrate(qm, self.calib_data.x, o.method, o.batch_size, device=o.device, preset=o.preset,
-                           seed=o.seed, overrides=self._recon_overrides())
         save_torch({"scales": qm.scales(), "layers": qm.layer_tensors(), "config": qconfig.to_dict(),
                     "method": o.method}, self.out / QSTATE)
         self._qm = qm
-        out = result.to_dict()
+        out = done.result.to_dict()
         if equalized.pairs:
             out["equalize"] = equalized.to_dict()
         if tried:
-            out["equalize_auto"] = {"mode": mode, "relative_logit_error": tried}
+            # the search's seconds include the kept mode's calibration (the result's own "seconds")
+            out["equalize_auto"] = {"mode": done.mode, "relative_logit_error": tried, "seconds": search_seconds}
         if qconfig.offset_relu != "none":
             out["offset_relu"] = {"offset": offset, "quantizers": len(qm.act_quantizers)}
         if qconfig.split_identity:

@@ -145,26 +145,24 @@ def test_logit_error_is_relative_mean_square(fused_example, calib_x) -> None:
 
 def test_auto_keeps_all_for_reconstruction_and_measures_range_methods(fused_example, fused_mobileone,
                                                                       calib_x) -> None:
-    from repapq_deploy.calibrate.equalize_choice import choose_equalization, logit_error
-    from repapq_deploy.calibrate.methods import calibrate
-    from repapq_deploy.quant.identity_split import decide_identity_split
-    from repapq_deploy.quant.placement import quantize_model
+    from repapq_deploy.calibrate.equalize_choice import calibrate_under, choose_equalization, logit_error
     from repapq_deploy.quant.scheme import QuantConfig
 
     fused, _ = fused_example
     config = QuantConfig(bits=6)
     x = calib_x[:32]
-    assert choose_equalization(fused, x, config, "repapq") == ("all", {})
+    kept, errors, _ = choose_equalization(fused, x, config, "repapq", preset="fast")
+    assert kept.mode == "all" and errors == {} and len(kept.equalized.pairs) == 8
     # RepVGG has dense pairs only: depthwise rescales nothing, so it is tried once, as none
-    mode, errors = choose_equalization(fused, x, config, "minmax")
-    assert set(errors) == {"none", "all"} and errors[mode] == min(errors.values())
-    # the recorded error is that of the model calibrated under that mode
-    eq, _ = equalize(fused, x, "all")
-    qm = quantize_model(eq, decide_identity_split(eq, x, config)[0])
-    calibrate(qm, x, "minmax")
-    assert logit_error(qm.module, eq, x) == pytest.approx(errors["all"], rel=1e-6)
+    kept, errors, seconds = choose_equalization(fused, x, config, "minmax")
+    assert set(errors) == {"none", "all"} and errors[kept.mode] == min(errors.values()) and seconds > 0
+    # the kept model is the one calibrated under its mode: an independent calibration gives its error
+    # and its scales
+    again = calibrate_under(kept.mode, fused, x, config, "minmax")
+    assert logit_error(again.qm.module, again.fused, x) == pytest.approx(errors[kept.mode], rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(kept.qm.scales().values(), again.qm.scales().values(), strict=True))
     # MobileOne has both kinds of pairs: three distinct candidates
-    _, errors = choose_equalization(fused_mobileone, _x(32), config, "percentile")
+    _, errors, _ = choose_equalization(fused_mobileone, _x(32), config, "percentile")
     assert set(errors) == {"none", "depthwise", "all"}
 
 
@@ -184,3 +182,4 @@ def test_build_default_auto_records_its_choice(example_dir, tmp_path) -> None:
     assert set(errors) == {"none", "all"} and errors[choice["mode"]] == min(errors.values())
     assert len(calibration.get("equalize", {}).get("pairs", {})) == (8 if choice["mode"] == "all" else 0)
     assert "--equalize auto: " + choice["mode"] in result.output
+    assert choice["seconds"] >= calibration["seconds"]

@@ -12,18 +12,49 @@ keeps the one whose logits are closest to the FP32 model's on the calibration im
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from repapq_deploy.calibrate.methods import calibrate
+from repapq_deploy.calibrate.methods import CalibrationResult, calibrate
 from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION
 from repapq_deploy.quant.identity_split import decide_identity_split
-from repapq_deploy.quant.placement import quantize_model
+from repapq_deploy.quant.placement import QuantizedModel, quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
-from repapq_deploy.reparam.equalize import equalize
+from repapq_deploy.reparam.equalize import EqualizeReport, equalize
 
 # smallest first, so modes that rescale the same pairs are named by the smallest
 CANDIDATES = ("none", "depthwise", "all")
+
+
+@dataclass
+class Calibrated:
+    """A model equalized under one mode, split, quantized and calibrated: what the calibrate stage keeps."""
+
+    mode: str
+    fused: nn.Module
+    equalized: EqualizeReport
+    qconfig: QuantConfig
+    split_errors: dict[str, tuple[float, float]]
+    qm: QuantizedModel
+    result: CalibrationResult
+
+
+def calibrate_under(mode: str, fused: nn.Module, data: torch.Tensor, config: QuantConfig, method: str,
+                    batch_size: int = 32, device: str = "cpu", preset: str = "default", seed: int = 0,
+                    overrides: dict | None = None,
+                    equalized: tuple[nn.Module, EqualizeReport] | None = None) -> Calibrated:
+    """Equalize ``fused`` with ``mode`` (or take ``equalized``, its result), decide the identity splits,
+    quantize and calibrate with ``method`` (seeded with ``seed`` first, so every mode starts from the
+    same generator state)."""
+    torch.manual_seed(seed)
+    eq, report = equalized or equalize(fused, data, mode, batch_size)
+    qconfig, errors = decide_identity_split(eq, data, config, batch_size)
+    qm = quantize_model(eq, qconfig)
+    result = calibrate(qm, data, method, batch_size, device=device, preset=preset, seed=seed, overrides=overrides)
+    return Calibrated(mode, eq, report, qconfig, errors, qm, result)
 
 
 def logit_error(quantized: nn.Module, reference: nn.Module, data: torch.Tensor, batch_size: int = 32) -> float:
@@ -40,22 +71,27 @@ def logit_error(quantized: nn.Module, reference: nn.Module, data: torch.Tensor, 
 
 
 def choose_equalization(fused: nn.Module, data: torch.Tensor, config: QuantConfig, method: str,
-                        batch_size: int = 32, device: str = "cpu") -> tuple[str, dict[str, float]]:
-    """The ``--equalize`` mode ``auto`` stands for, and the relative logit error of each mode tried
-    (empty for a reconstruction method). Modes that rescale the same pairs are tried once."""
+                        batch_size: int = 32, device: str = "cpu", seed: int = 0,
+                        **kwargs) -> tuple[Calibrated, dict[str, float], float]:
+    """What ``--equalize auto`` stands for: the calibrated model of the chosen mode, the relative logit
+    error of each mode tried (empty for a reconstruction method, which gets ``all`` untried) and the
+    seconds the search took. Modes that rescale the same pairs are tried once. ``kwargs`` go to
+    :func:`calibrate_under`."""
     if method in RECONSTRUCTION:
-        return "all", {}
+        return calibrate_under("all", fused, data, config, method, batch_size, device, seed=seed, **kwargs), {}, 0.0
+    t0 = time.perf_counter()
     errors: dict[str, float] = {}
-    seen: dict[tuple[str, ...], str] = {}
+    best: Calibrated | None = None
+    seen: set[tuple[str, ...]] = set()
     for mode in CANDIDATES:
-        eq, report = equalize(fused, data, mode, batch_size)
-        key = tuple(sorted(report.pairs))
+        eq = equalize(fused, data, mode, batch_size)
+        key = tuple(sorted(eq[1].pairs))
         if key in seen:
             continue
-        seen[key] = mode
-        qconfig, _ = decide_identity_split(eq, data, config, batch_size)
-        qm = quantize_model(eq, qconfig)
-        calibrate(qm, data, method, batch_size, device=device)
-        errors[mode] = logit_error(qm.module, eq, data, batch_size)
-    return min(errors, key=errors.__getitem__), errors
-
+        seen.add(key)
+        cand = calibrate_under(mode, fused, data, config, method, batch_size, device, seed=seed, equalized=eq,
+                               **kwargs)
+        errors[mode] = logit_error(cand.qm.module, cand.fused, data, batch_size)
+        if best is None or errors[mode] < errors[best.mode]:
+            best = cand
+    return best, errors, time.perf_counter() - t0
