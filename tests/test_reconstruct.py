@@ -299,3 +299,51 @@ def test_hard_sample_weights_favour_small_fp32_margins(fused_example, calib_x):
         calibrate(qm, calib_x, "repapq", preset="tiny", seed=0, overrides={"hard_weight": hard})
         scales.append(np.concatenate([t.numpy().ravel() for t in qm.scales().values()]))
     assert not np.array_equal(*scales)
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_margin_weights_are_the_fp32_margin_gradient(fused_example, calib_x, monkeypatch, tmp_path, spill):
+    gm, _ = fused_example
+    qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
+    units = R.split_units(qm.module, R.unit_labels(qm.module, "stage", calib_x[:1]))
+    qm.set_mode("off")
+    x = calib_x[:48]
+    assert R.margin_weights(units, x, R.RECONSTRUCTION["repapq"], 16, "cpu") is None
+    if spill:
+        monkeypatch.setattr(R, "SPILL_BYTES", 0)
+    settings = R.ReconSettings("margin", margin_grad=0.75)
+    w = R.margin_weights(units, x, settings, 16, "cpu", spill_dir=tmp_path if spill else None)
+    assert len(w) == len(units)
+    for wk in w:
+        assert torch.isclose(wk.double().mean(), torch.tensor(1.0, dtype=torch.float64), atol=1e-5)
+        assert float(wk.min()) >= 0.25 - 1e-6
+    # the logits: the top-1 and top-2 class get 0.25 + 0.75 * classes / 2, the others 0.25
+    with torch.no_grad():
+        logits = qm.module(x)
+    top2 = logits.topk(2, dim=1).indices
+    expected = torch.full_like(logits, 0.25)
+    expected.scatter_(1, top2, 0.25 + 0.75 * logits.shape[1] / 2)
+    assert torch.allclose(w[-1], expected, atol=1e-5)
+    # an inner unit's weights: the gradient of the margin taken from its output as a leaf
+    k = 2
+    with torch.no_grad():
+        h = x
+        for u in units[:k + 1]:
+            h = u.module(h)
+    leaf = h.clone().requires_grad_(True)
+    out = leaf
+    for u in units[k + 1:]:
+        out = u.module(out)
+    (out.gather(1, top2[:, :1]) - out.gather(1, top2[:, 1:])).sum().backward()
+    g = leaf.grad.abs()
+    assert torch.allclose(w[k], 0.25 + 0.75 * g / g.mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_margin_weighting_changes_what_is_learned(fused_example, calib_x):
+    gm, _ = fused_example
+    scales = []
+    for margin in (0.0, 0.5):
+        qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
+        calibrate(qm, calib_x, "repapq", preset="tiny", seed=0, overrides={"margin_grad": margin})
+        scales.append(np.concatenate([t.numpy().ravel() for t in qm.scales().values()]))
+    assert not np.array_equal(*scales)

@@ -72,6 +72,11 @@ class ReconSettings:
     # error flips count most; weights are normalised to mean 1. 0: every image alike.
     hard_weight: float = 0.0
     hard_tau: float = 1.0
+    # margin-gradient weighting: element j of a unit's output is weighted (1 - margin_grad) +
+    # margin_grad * |g_j| / mean|g|, g the gradient of the FP32 model's top-1 minus top-2 logit with
+    # respect to that output (label-free): a first-order measure of how much an error there moves the
+    # decision, in the spirit of BRECQ's Fisher weighting. 0: every element alike.
+    margin_grad: float = 0.0
     # GPTQ (calibrate.gptq): round each unit's weights from their input moments before training it;
     # the weights and their step sizes then stay fixed (learned weights or steps would re-round them)
     # and the activation steps and the affine learn on top
@@ -256,11 +261,14 @@ def _rounding_penalty(unit: Unit, step: int, settings: ReconSettings) -> torch.T
 
 
 def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute (or squared) error; ``weight`` per image (1-D) or per element (the shape of ``pred``)."""
     diff = pred - target
     err = diff.abs() if kind == "mae" else diff.pow(2)
     if weight is None:
         return err.mean()
-    return (err.flatten(1).mean(1) * weight).mean()
+    if weight.dim() == 1:
+        weight = weight.view(-1, *([1] * (err.dim() - 1)))
+    return (err * weight).mean()
 
 
 @torch.no_grad()
@@ -275,19 +283,54 @@ def sample_weights(module: nn.Module, data: torch.Tensor, settings: ReconSetting
     return w / w.mean()
 
 
+def _allocate(shape: tuple[int, ...], spill_dir: Path | None) -> torch.Tensor:
+    """An empty float32 tensor; larger than :data:`SPILL_BYTES`, a memory-mapped file in ``spill_dir``."""
+    if spill_dir is not None and math.prod(shape) * 4 > SPILL_BYTES:
+        fd, name = tempfile.mkstemp(suffix=".npy", dir=spill_dir)
+        os.close(fd)
+        return torch.from_numpy(np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape))
+    return torch.empty(shape)
+
+
+def margin_weights(units: list[Unit], data: torch.Tensor, settings: ReconSettings, batch_size: int,
+                   device: str, spill_dir: Path | None = None) -> list[torch.Tensor] | None:
+    """Per-element loss weights of every unit's output for the margin-gradient weighting
+    (``ReconSettings.margin_grad``), or None. Run with the quantizers off (the FP32 model)."""
+    if settings.margin_grad <= 0:
+        return None
+    out: list[torch.Tensor] = []
+    for i in range(0, len(data), batch_size):
+        h = data[i:i + batch_size].to(device).requires_grad_(True)
+        outputs = []
+        with torch.enable_grad():
+            for unit in units:
+                h = unit.module(h)
+                h.retain_grad()
+                outputs.append(h)
+            if h.dim() != 2 or h.shape[1] < 2:
+                raise DeployError("margin-gradient weighting needs a classifier (logits of shape N x classes); "
+                                  "leave margin_grad at 0 for this model")
+            top2 = h.detach().topk(2, dim=1).indices
+            (h.gather(1, top2[:, :1]) - h.gather(1, top2[:, 1:])).sum().backward()
+        for k, o in enumerate(outputs):
+            if i == 0:
+                out.append(_allocate((len(data), *o.shape[1:]), spill_dir))
+            out[k][i:i + len(o)] = o.grad.abs().cpu()
+    lam = settings.margin_grad
+    for w in out:
+        mean = float(w.double().mean())
+        # a unit whose output never reaches the margin (a dead branch) keeps uniform weights
+        w.mul_(lam / mean if mean > 0 else 0.0).add_(1 - lam if mean > 0 else 1.0)
+    return out
+
+
 @torch.no_grad()
 def _forward_all(module: nn.Module, x: torch.Tensor, batch_size: int, device: str,
                  spill_dir: Path | None = None) -> torch.Tensor:
     """``module`` applied to all of ``x`` in batches. Outputs larger than :data:`SPILL_BYTES` go to a
     memory-mapped file in ``spill_dir`` (1024 images of a 224x224 stem output are several GB)."""
     first = module(x[:batch_size].to(device)).cpu()  # also gives the output shape
-    shape = (len(x), *first.shape[1:])
-    if spill_dir is not None and math.prod(shape) * 4 > SPILL_BYTES:
-        fd, name = tempfile.mkstemp(suffix=".npy", dir=spill_dir)
-        os.close(fd)
-        out = torch.from_numpy(np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape))
-    else:
-        out = torch.empty(shape)
+    out = _allocate((len(x), *first.shape[1:]), spill_dir)
     out[:len(first)] = first
     for i in range(batch_size, len(x), batch_size):
         out[i:i + batch_size] = module(x[i:i + batch_size].to(device)).cpu()
@@ -306,7 +349,8 @@ def _mean_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str,
 
 def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: ReconSettings,
                 batch_size: int, device: str, generator: torch.Generator,
-                weights: torch.Tensor | None = None) -> tuple[float, float]:
+                weights: torch.Tensor | None = None, elements: torch.Tensor | None = None) -> tuple[float, float]:
+    """Train one unit; ``weights`` per image, ``elements`` per element of its output (either may be None)."""
     module = unit.module
     before = _mean_loss(module, x_q, y_fp, device)
     params = _unit_params(unit, settings)
@@ -338,8 +382,11 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
         task = progress.add_task(f"{settings.name} {unit.name}", total=settings.iters, loss=before)
         for step in range(settings.iters):
             idx = torch.randint(0, len(x_q), (min(batch_size, len(x_q)),), generator=generator)
-            loss = _loss(module(x_q[idx].to(device)), y_fp[idx].to(device), settings.loss,
-                         None if weights is None else weights[idx].to(device))
+            w = None if weights is None else weights[idx].to(device)
+            if elements is not None:
+                e = elements[idx].to(device)
+                w = e if w is None else e * w.view(-1, *([1] * (e.dim() - 1)))
+            loss = _loss(module(x_q[idx].to(device)), y_fp[idx].to(device), settings.loss, w)
             penalty = _rounding_penalty(unit, step, settings) if params["rounding"] else None
             total = loss if penalty is None else loss + round_weight * penalty
             opt.zero_grad(set_to_none=True)
@@ -409,17 +456,19 @@ def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, pre
     x_fp = data  # the same under the FP32 model
     per_unit = []
     with tempfile.TemporaryDirectory(prefix="repapq-") as spill:
-        for unit in units:
+        elements = margin_weights(units, data, settings, batch_size, device, Path(spill)) or [None] * len(units)
+        for unit, unit_elements in zip(units, elements, strict=True):
             qm.set_mode("off")
             y_fp = _forward_all(unit.module, x_fp, batch_size, device, Path(spill))
             qm.set_mode("quant")
             if settings.gptq:
                 gptq_unit(unit.module, x_q, batch_size, device)
-            before, after = _train_unit(unit, x_q, y_fp, settings, batch_size, device, generator, weights)
+            before, after = _train_unit(unit, x_q, y_fp, settings, batch_size, device, generator, weights,
+                                        unit_elements)
             per_unit.append({"unit": unit.name, "mae_before": before, "mae_after": after})
             x_q = _forward_all(unit.module, x_q, batch_size, device, Path(spill))
             x_fp = y_fp
-        del x_q, x_fp, y_fp  # release the memory maps before their files go
+        del x_q, x_fp, y_fp, elements, unit_elements  # release the memory maps before their files go
     qm.module.cpu()
     if settings.fold:
         qm.fold_affine()
