@@ -213,7 +213,8 @@ def summarise(report: dict, seconds: float) -> dict:
         "export_check": exp.get("check"), "lint": exp.get("lint"),
         "latency_ms": {"reference": lat.get("reference"), "fp32": lat["fp32"], "engine": lat["engine"],
                        "speedup": lat["speedup"]},
-        "calibration": {k: report["calibration"].get(k) for k in ("method", "images", "seconds", "offset_relu")},
+        "calibration": {k: report["calibration"].get(k)
+                        for k in ("method", "images", "seconds", "offset_relu", "equalize_auto")},
         "warnings": report.get("warnings", []),
         "build_seconds": seconds,
     }
