@@ -13,6 +13,7 @@ from conftest import EXAMPLE_SPLITS
 
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
+from repapq_deploy.errors import DeployError
 from repapq_deploy.export import check_against_torch, export_qdq
 from repapq_deploy.load import lift_exported
 from repapq_deploy.quant.placement import quantize_model
@@ -341,6 +342,8 @@ def test_margin_weights_are_the_fp32_margin_gradient(fused_example, calib_x, mon
 
 def test_margin_weighting_changes_what_is_learned(fused_example, calib_x):
     gm, _ = fused_example
+    with pytest.raises(DeployError, match="margin_grad 1.5"):
+        R.check_settings(R.ReconSettings("margin", margin_grad=1.5))
     scales = []
     for margin in (0.0, 0.5):
         qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))

@@ -415,6 +415,9 @@ def check_settings(settings: ReconSettings) -> None:
     """Refuse option combinations that contradict each other."""
     if settings.gptq and settings.adaround:
         raise DeployError("--gptq and --adaround both choose the weight rounding; use one (--no-adaround)")
+    if not 0 <= settings.margin_grad <= 1:
+        raise DeployError(f"margin_grad {settings.margin_grad}: a mix between uniform (0) and fully "
+                          f"margin-weighted (1) loss; use a value in [0, 1]")
 
 
 def check_recipe(method: str, overrides: dict) -> None:
