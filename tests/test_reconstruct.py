@@ -282,6 +282,13 @@ def test_repapq_learns_weights_by_default():
     assert R.RECONSTRUCTION["brecq"].adaround  # BRECQ learns rounding of fixed weights instead
 
 
+def learned_scales(gm, calib_x, overrides: dict) -> np.ndarray:
+    """Every step size of a W6A6 TensorRT-scheme repapq calibration with ``overrides``, flattened."""
+    qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
+    calibrate(qm, calib_x, "repapq", preset="tiny", seed=0, overrides=overrides)
+    return np.concatenate([t.numpy().ravel() for t in qm.scales().values()])
+
+
 def test_hard_sample_weights_favour_small_fp32_margins(fused_example, calib_x):
     gm, _ = fused_example
     assert R.sample_weights(gm, calib_x, R.RECONSTRUCTION["repapq"], 32, "cpu") is None
@@ -294,12 +301,8 @@ def test_hard_sample_weights_favour_small_fp32_margins(fused_example, calib_x):
     order = margin.argsort()
     assert torch.all(w[order][1:] <= w[order][:-1] + 1e-6)
     # the weighted run reaches the calibrate stage and changes what is learned
-    scales = []
-    for hard in (0.0, 4.0):
-        qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
-        calibrate(qm, calib_x, "repapq", preset="tiny", seed=0, overrides={"hard_weight": hard})
-        scales.append(np.concatenate([t.numpy().ravel() for t in qm.scales().values()]))
-    assert not np.array_equal(*scales)
+    assert not np.array_equal(learned_scales(gm, calib_x, {"hard_weight": 0.0}),
+                              learned_scales(gm, calib_x, {"hard_weight": 4.0}))
 
 
 @pytest.mark.parametrize("spill", [False, True])
@@ -344,9 +347,5 @@ def test_margin_weighting_changes_what_is_learned(fused_example, calib_x):
     gm, _ = fused_example
     with pytest.raises(DeployError, match="margin_grad 1.5"):
         R.check_settings(R.ReconSettings("margin", margin_grad=1.5))
-    scales = []
-    for margin in (0.0, 0.5):
-        qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
-        calibrate(qm, calib_x, "repapq", preset="tiny", seed=0, overrides={"margin_grad": margin})
-        scales.append(np.concatenate([t.numpy().ravel() for t in qm.scales().values()]))
-    assert not np.array_equal(*scales)
+    assert not np.array_equal(learned_scales(gm, calib_x, {"margin_grad": 0.0}),
+                              learned_scales(gm, calib_x, {"margin_grad": 0.5}))
