@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -349,3 +350,39 @@ def test_margin_weighting_changes_what_is_learned(fused_example, calib_x):
         R.check_settings(R.ReconSettings("margin", margin_grad=1.5))
     assert not np.array_equal(learned_scales(gm, calib_x, {"margin_grad": 0.0}),
                               learned_scales(gm, calib_x, {"margin_grad": 0.5}))
+
+
+def test_soup_is_the_mean_of_runs_on_successive_batch_draws(fused_example, calib_x):
+    gm, _ = fused_example
+    x = calib_x[:48]
+    settings = R.ReconSettings("soup", lr_weight=1e-4, iters=15)
+
+    def stem_after(soup: int, runs: int) -> dict[str, torch.Tensor]:
+        """The stem unit's state after ``runs`` calls of _train_unit with one generator, each from the
+        same starting state (``runs`` single runs, or one soup of ``soup``)."""
+        generator = torch.Generator().manual_seed(0)
+        out = []
+        for _ in range(runs):
+            qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
+            R.set_ranges(qm, x, R.METHODS["mae"], R.METHODS["minmax"], 16, "cpu")
+            for layer in qm.weight_layers.values():
+                layer.enable_affine()
+            qm.module.requires_grad_(False)
+            stem = R.split_units(qm.module, R.unit_labels(qm.module, "stage", x[:1]))[0]
+            qm.set_mode("off")
+            with torch.no_grad():
+                y_fp = stem.module(x)
+            qm.set_mode("quant")
+            R._train_unit(stem, x, y_fp, replace(settings, soup=soup), 16, "cpu", generator)
+            out.append({k: v.clone() for k, v in stem.module.state_dict().items() if v.is_floating_point()})
+        return out
+
+    first, second = stem_after(1, 2)
+    (soup,) = stem_after(2, 1)
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # the two draws learn differently
+    for k in first:
+        assert torch.allclose(soup[k], (first[k] + second[k]) / 2, rtol=1e-5, atol=1e-7), k
+    with pytest.raises(DeployError, match="soup 0"):
+        R.check_settings(replace(settings, soup=0))
+    with pytest.raises(DeployError, match="no-adaround"):
+        R.check_settings(replace(settings, soup=2, adaround=True))

@@ -84,6 +84,10 @@ class ReconSettings:
     # extra views of the calibration images to reconstruct on (calibrate.augment; e.g. ("hflip",)):
     # more distinct inputs for the learned weights to fit without drawing more images
     augment: tuple[str, ...] = ()
+    # parameter averaging ("soup"): train each unit this many times from the same starting point on
+    # different batch draws and keep the mean of the learned parameters, which averages out what
+    # one run fits to its own draw of batches. 1: a single run. Costs that many times the iterations.
+    soup: int = 1
     # fold the QPRep affine into scales and biases at the end (off only to inspect the unfolded model)
     fold: bool = True
 
@@ -367,19 +371,52 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
     lrs = {"scales": settings.lr_scale, "affine": settings.lr_affine, "rounding": settings.lr_round,
            "weights": settings.lr_weight}
     groups = [{"params": ps, "lr": lrs[k]} for k, ps in params.items() if ps]
-    # BRECQ weighs the rounding term against a loss summed over a sample's outputs; ours is a mean
-    round_weight = settings.round_weight / y_fp[0].numel()
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / settings.iters)))
     for m in module.modules():
         if isinstance(m, ActQuantizer):
             m.drop_prob = settings.qdrop
     module.train()
+    start = [p.detach().clone() for p in trained]
+    learned = [torch.zeros_like(p) for p in trained]
+    for run in range(settings.soup):
+        with torch.no_grad():
+            for p, p0 in zip(trained, start, strict=True):
+                p.copy_(p0)
+        label = f"{settings.name} {unit.name}" + (f" ({run + 1}/{settings.soup})" if settings.soup > 1 else "")
+        _optimize(unit, x_q, y_fp, settings, params, scales, groups, label, before, batch_size, device,
+                  generator, weights, elements)
+        with torch.no_grad():
+            for total, p in zip(learned, trained, strict=True):
+                total += p / settings.soup
+    with torch.no_grad():
+        for p, mean in zip(trained, learned, strict=True):
+            p.copy_(mean)
+    module.eval()
+    for m in module.modules():
+        if isinstance(m, ActQuantizer):
+            m.drop_prob = 0.0
+    for p in trained:
+        p.requires_grad_(False)
+    for m in _weight_layers(unit):
+        m.bake_adaround()
+    after = _mean_loss(module, x_q, y_fp, device)
+    return before, after
+
+
+def _optimize(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: ReconSettings,
+              params: dict[str, list[nn.Parameter]], scales: list[tuple[nn.Parameter, float]], groups: list[dict],
+              label: str, before: float, batch_size: int, device: str, generator: torch.Generator,
+              weights: torch.Tensor | None, elements: torch.Tensor | None) -> None:
+    """One run of Adam with cosine decay over the unit's parameters (fresh optimiser state per run)."""
+    module = unit.module
+    # BRECQ weighs the rounding term against a loss summed over a sample's outputs; ours is a mean
+    round_weight = settings.round_weight / y_fp[0].numel()
+    opt = torch.optim.Adam([dict(g) for g in groups])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / settings.iters)))
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("loss {task.fields[loss]:.4g}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(f"{settings.name} {unit.name}", total=settings.iters, loss=before)
+        task = progress.add_task(label, total=settings.iters, loss=before)
         for step in range(settings.iters):
             idx = torch.randint(0, len(x_q), (min(batch_size, len(x_q)),), generator=generator)
             w = None if weights is None else weights[idx].to(device)
@@ -399,22 +436,17 @@ def _train_unit(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Rec
                     p.clamp_(min=MIN_SCALE, max=most)
             if step % 10 == 0:
                 progress.update(task, completed=step + 1, loss=float(loss.detach()))
-    module.eval()
-    for m in module.modules():
-        if isinstance(m, ActQuantizer):
-            m.drop_prob = 0.0
-    for p in trained:
-        p.requires_grad_(False)
-    for m in _weight_layers(unit):
-        m.bake_adaround()
-    after = _mean_loss(module, x_q, y_fp, device)
-    return before, after
 
 
 def check_settings(settings: ReconSettings) -> None:
     """Refuse option combinations that contradict each other."""
     if settings.gptq and settings.adaround:
         raise DeployError("--gptq and --adaround both choose the weight rounding; use one (--no-adaround)")
+    if settings.soup < 1:
+        raise DeployError(f"soup {settings.soup}: the number of runs averaged per unit; use 1 or more")
+    if settings.soup > 1 and settings.adaround:
+        raise DeployError("soup averages learned parameters, but AdaRound's rounding is a hard 0/1 choice "
+                          "per weight; use soup with --no-adaround")
     if not 0 <= settings.margin_grad <= 1:
         raise DeployError(f"margin_grad {settings.margin_grad}: a mix between uniform (0) and fully "
                           f"margin-weighted (1) loss; use a value in [0, 1]")
