@@ -2,7 +2,7 @@
 
     python benchmarks/recipe_screen.py BUILD_DIR --profile tensorrt --bits 8 --method repapq --preset fast \
         [--recipe '{"adaround": true}'] [--split] [--holdout 10000] [--no-split-identity] [--add-bits 8|6] \
-        [--equalize none|depthwise|all] [--equalize-alpha 0.5] [--offset-relu none|unpadded|all]
+        [--equalize none|depthwise|all] [--equalize-alpha 0.5] [--offset-relu none|unpadded|all] [--seed 0]
 
 ``BUILD_DIR`` is a build folder of ``benchmarks/calibration.py`` (its ``fused.pt`` is used), e.g.
 ``~/.cache/repapq-deploy/fmnist/calibration/repvgg_a0-e15/minmax---tensorrt-w8-fl8``. ``--recipe``
@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none", help="build's --offset-relu")
     ap.add_argument("--calib-count", type=int, default=1024)
     ap.add_argument("--holdout", type=int, default=0, help="evaluate on this many held-out training images")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="calibration seed (batch draws); the calibration images stay the seed-0 draw")
     args = ap.parse_args()
     fused = torch.load(args.build / "fused.pt", weights_only=False).eval()  # our own artifact
     calib = torch.from_numpy(np.load(ensure_calib_set(args.calib_count, 0))["x"])
@@ -78,14 +80,14 @@ def main() -> None:
                                                                   offset_relu=args.offset_relu))
     qm = quantize_model(fused, config)
     t0 = time.perf_counter()
-    calibrate(qm, calib, method, preset=args.preset)
+    calibrate(qm, calib, method, preset=args.preset, seed=args.seed)
     result = {"build": str(args.build), "profile": args.profile, "bits": args.bits, "method": args.method,
               "split_identity": args.split_identity, "split_layers": len(config.split_layers or ()),
               "add_bits": args.add_bits, "offset_relu": args.offset_relu, "equalize": args.equalize,
               "offset_tensors": sum(q.fmt.offset > 0 for q in qm.act_quantizers.values()),
               "act_quantizers": len(qm.act_quantizers),
               "equalize_alpha": args.equalize_alpha, "equalized_pairs": len(eq_report.pairs),
-              "preset": args.preset, "recipe": recipe,
+              "preset": args.preset, "recipe": recipe, "seed": args.seed,
               "eval": f"holdout{args.holdout}" if args.holdout else "test10k",
               "calib_seconds": round(time.perf_counter() - t0, 1)}
     # agreement with FP32 and the images lost / gained: a top-1 drop is their difference, so these
