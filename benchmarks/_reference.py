@@ -37,7 +37,8 @@ def model_name(arch: str, epochs: int, warmup: float | None = None) -> str:
 
 def ensure_model(arch: str, epochs: int, warmup: float | None = None) -> Path:
     """Train ``arch`` for ``epochs`` (one-cycle warm-up of ``warmup`` epochs; default 15 %) unless a
-    cached checkpoint exists; return its folder. Training runs channels-last (2x faster for MobileOne on
+    cached checkpoint exists; return its folder (a training cut off earlier resumes from the
+    ``train_state.pt`` that train.py leaves there). Training runs channels-last (2x faster for MobileOne on
     the CPU); checkpoints cached before that option existed were trained contiguous (their metadata has
     no ``memory_format``)."""
     folder = CACHE / model_name(arch, epochs, warmup)
