@@ -5,6 +5,8 @@ ends with exactly the weights of an uninterrupted run. Synthetic images stand in
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +51,12 @@ def test_state_from_other_settings_is_refused(train_module, tmp_path):
     train_module.train("repvgg_nano", 2, 0, train_images=256, state_path=state, stop_after=1)
     with pytest.raises(SystemExit, match="other settings.*'epochs': \\(2, 3\\)"):
         train_module.train("repvgg_nano", 3, 0, train_images=256, state_path=state)
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--stop-after", "0"], "--stop-after must be at least 1"),
+                                               (["--train-images", "64"], "--train-images must be at least --batch")])
+def test_cli_refuses_bad_counts(args, message, tmp_path):
+    run = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *args],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 2 and message in run.stderr
+    assert not any(tmp_path.iterdir())  # nothing written

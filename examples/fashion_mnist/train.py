@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import repapq_deploy.models  # noqa: F401  (registers repvgg_nano / mobileone_nano with timm)
+from repapq_deploy.artifacts import atomic_path, save_torch
 from repapq_deploy.data import fashion_mnist as fm
 
 
@@ -121,10 +121,7 @@ def _save_state(path: Path, settings: dict, done: int, acc: float, model: torch.
     state = {"settings": settings, "epochs_done": done, "test_top1": acc, "model": model.state_dict(),
              "opt": opt.state_dict(), "sched": sched.state_dict(), "numpy_rng": rng.bit_generator.state,
              "torch_rng": torch.get_rng_state()}
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_torch(state, path)
 
 
 def _load_state(path: Path, settings: dict, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -194,9 +191,8 @@ def main() -> None:
     if args.train_images is not None:
         meta["train_images"] = str(args.train_images)
     # temp file + rename: the benchmarks take an existing model.safetensors as a finished training
-    tmp = args.out / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-    os.replace(tmp, args.out / "model.safetensors")
+    with atomic_path(args.out / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
     rng = np.random.default_rng(args.seed)
     xtr, _ = fm.load_raw("train")
     xte, yte = fm.load_raw("test")
