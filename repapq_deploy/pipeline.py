@@ -297,7 +297,10 @@ class Build:
                    **self.qconfig.to_dict(),
                    "calib_count": o.calib_count,
                    "seed": o.seed,
-                   "device": o.device, "batch_size": o.batch_size}
+                   "device": o.device, "batch_size": o.batch_size,
+                   # float sums split differently across threads, and the thousands of reconstruction
+                   # steps amplify that: same seed, 1 vs 2 threads moved a W6A6 top-1 by 0.2 pp
+                   "cpu_threads": torch.get_num_threads()}
         inputs = {"fused": self._hash("reparam", FUSED), "calib": self.calib_hash}
         result = self._stage("calibrate", inputs, options, [QSTATE], self._run_calibrate)
         if o.method in RECONSTRUCTION and result["images"] < FEW_RECONSTRUCTION_IMAGES:

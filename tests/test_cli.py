@@ -269,6 +269,27 @@ def test_changed_method_reruns_calibrate_and_later_only(ort8, tmp_path):
     assert json.loads((out / "report.json").read_text())["calibration"]["method"] == "minmax"
 
 
+def test_changed_thread_count_reruns_calibrate(ort8, tmp_path, monkeypatch):
+    from repapq_deploy import environment
+
+    # float sums split differently across threads and reconstruction amplifies that, so a build made with
+    # another thread count is not this one's: the count is a calibrate option
+    monkeypatch.setattr(environment, "_threads", environment._threads)  # --threads sets it process-wide
+    threads = torch.get_num_threads()
+    out = copy_build(ort8.out, tmp_path / "threads")
+    assert manifest(out)["stages"]["calibrate"]["options"]["cpu_threads"] == threads
+    args = pipeline_args("build", out, "--profile", "onnxruntime", "--method", "minmax")
+    assert cli(*args).exit_code == 0
+    try:
+        result = cli(*args, "--threads", threads + 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert result.exit_code == 0, result.output
+    # min-max's scales come out the same, so the stages after calibrate find their inputs unchanged
+    assert stage_log(result)[0] == {"calibrate"}
+    assert manifest(out)["stages"]["calibrate"]["options"]["cpu_threads"] == threads + 1
+
+
 def test_offset_relu_rebuilds_from_calibrate_with_a_matching_export(build_of, tmp_path):
     import onnx
 
