@@ -1,0 +1,104 @@
+"""Pool repeated ``benchmarks/calibration.py`` runs of one model into per-row means.
+
+    python benchmarks/seed_summary.py RUN_DIR [RUN_DIR ...] --arch mobileone_s0
+        [--target default/W8A8=0.03,default/W6A6=0.15,fast/W6A6=0.4] [--out summary.json]
+
+Each ``RUN_DIR`` is an ``--out`` folder of ``benchmarks/calibration.py`` holding ``<arch>.json`` (one seed,
+one thread count). Rows are matched by (method, preset, setting, profile). For each it prints the drop of
+every run, their mean, sample standard deviation and the standard error of the mean, and, for ``repapq``
+rows, the mean against the issue's target for that preset and setting. A row's runs differ in the
+calibration seed (which also draws the calibration images) and in the thread count
+(``threads_per_build``): on the CPU both change a reconstruction's result (docs/method.md, "On the
+CPU"), so every run is one draw of the same random drop.
+All runs must measure the same checkpoint (same FP32 top-1 and, where recorded, the same SHA-256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from repapq_deploy.artifacts import write_json
+
+KEY = ("method", "preset", "setting", "profile")
+
+
+def load_runs(dirs: list[Path], arch: str) -> list[dict]:
+    """The ``<arch>.json`` of every run folder; exits with a one-line error on a missing file or mixed
+    checkpoints."""
+    runs = []
+    for d in dirs:
+        path = d / f"{arch}.json"
+        if not path.is_file():
+            sys.exit(f"error: {path} not found: pass --out folders of benchmarks/calibration.py for --arch {arch}")
+        runs.append({"dir": str(d), **json.loads(path.read_text())})
+    fp32 = {r["fp32"] for r in runs}
+    shas = {row["model_sha256"] for r in runs for row in r["rows"] if row.get("model_sha256")}
+    if len(fp32) > 1 or len(shas) > 1:
+        sys.exit(f"error: the runs measured different checkpoints (FP32 {sorted(fp32)}, {len(shas)} SHA-256s); "
+                 "pool only runs of one model")
+    return runs
+
+
+def summarize(runs: list[dict], targets: dict[str, float]) -> list[dict]:
+    """One entry per row key, with each run's drop and the pooled statistics."""
+    cells: dict[tuple, list[dict]] = {}
+    for run in runs:
+        for row in run["rows"]:
+            cells.setdefault(tuple(row[k] for k in KEY), []).append(
+                {"dir": run["dir"], "seed": run["seed"], "threads": run["threads_per_build"],
+                 "drop_pp": round(run["fp32"] - row["top1"], 4), "agreement": row["agreement"],
+                 "lost": row.get("lost"), "gained": row.get("gained")})
+    out = []
+    for key, got in cells.items():
+        drops = [g["drop_pp"] for g in got]
+        sd = statistics.stdev(drops) if len(drops) > 1 else None
+        target = targets.get(f"{key[1]}/{key[2]}") if key[0].startswith("repapq") else None
+        mean = statistics.fmean(drops)
+        out.append({**dict(zip(KEY, key, strict=True)), "runs": got, "n": len(drops), "mean_drop_pp": mean,
+                    "sd_pp": sd, "sem_pp": sd / len(drops) ** 0.5 if sd is not None else None,
+                    "mean_agreement": statistics.fmean(g["agreement"] for g in got),
+                    "target_pp": target, "meets_target": None if target is None else mean <= target})
+    return out
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, nargs="+")
+    ap.add_argument("--arch", required=True)
+    ap.add_argument("--target", default="default/W8A8=0.03,default/W6A6=0.15,fast/W6A6=0.4",
+                    help="PRESET/SETTING=PP pairs: the largest mean repapq drop that meets the target")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    try:
+        targets = {k: float(v) for k, v in (p.split("=") for p in args.target.split(",") if p)}
+    except ValueError:
+        sys.exit(f"error: --target {args.target!r}: write PRESET/SETTING=PP pairs, e.g. default/W8A8=0.03")
+    runs = load_runs(args.runs, args.arch)
+    cells = summarize(runs, targets)
+    table = Table(title=f"{args.arch}: top-1 drop in pp over {len(runs)} runs (FP32 {runs[0]['fp32']:.2f} %)")
+    for col in ("method", "preset", "setting", "profile", "drops (seed/threads)", "mean", "s.d.", "s.e.m.",
+                "agreement %", "target"):
+        table.add_column(col, justify="right")
+    for c in cells:
+        drops = " ".join(f"{r['drop_pp']:+.2f}({r['seed']}/{r['threads']})" for r in c["runs"])
+        verdict = "-" if c["target_pp"] is None else f"≤ {c['target_pp']}: {'yes' if c['meets_target'] else 'no'}"
+        table.add_row(c["method"], c["preset"], c["setting"], c["profile"], drops, f"{c['mean_drop_pp']:+.3f}",
+                      _num(c["sd_pp"]), _num(c["sem_pp"]), f"{c['mean_agreement']:.2f}", verdict)
+    Console(width=200).print(table)
+    if args.out:
+        write_json(args.out, {"arch": args.arch, "fp32": runs[0]["fp32"], "targets": targets, "cells": cells})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""benchmarks/seed_summary.py: pooling calibration.py runs, on the committed session-16 seed runs."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+from seed_summary import load_runs, summarize  # noqa: E402
+
+SEEDS = BENCH / "results" / "calibration_seeds"
+TARGETS = {"default/W8A8": 0.03, "default/W6A6": 0.15}
+
+
+def test_pooled_means_equal_the_runs_rows() -> None:
+    dirs = [SEEDS / f"amd_mobileone_seed{n}" for n in range(3)]
+    cells = {(c["method"], c["preset"], c["setting"], c["profile"]): c
+             for c in summarize(load_runs(dirs, "mobileone_s0"), TARGETS)}
+    raw = [json.loads((d / "mobileone_s0.json").read_text()) for d in dirs]
+    key = ("repapq (equalize all)", "default", "W6A6", "onnxruntime")
+    drops = [r["fp32"] - row["top1"] for r in raw for row in r["rows"]
+             if (row["method"], row["preset"], row["setting"], row["profile"]) == key]
+    cell = cells[key]
+    assert cell["n"] == 3 and [r["seed"] for r in cell["runs"]] == [0, 1, 2]
+    assert cell["mean_drop_pp"] == pytest.approx(statistics.fmean(drops), abs=1e-3)
+    assert cell["sem_pp"] == pytest.approx(statistics.stdev(drops) / 3 ** 0.5, abs=1e-3)
+    assert cell["meets_target"] is (cell["mean_drop_pp"] <= 0.15)
+    # only repapq rows are held to the issue's targets; a one-run row has no spread
+    brecq = cells[("brecq (equalize all)", "default", "W6A6", "onnxruntime")]
+    assert brecq["target_pp"] is None and brecq["meets_target"] is None
+    assert cells[("repapq (equalize all)", "thorough", "W8A8", "tensorrt")]["sd_pp"] is None
+
+
+def test_runs_of_different_checkpoints_are_refused() -> None:
+    with pytest.raises(SystemExit, match="different checkpoints"):
+        load_runs([SEEDS / "amd_mobileone_seed0", SEEDS / "eqall_seed1"], "mobileone_s0")
+    with pytest.raises(SystemExit, match="not found"):
+        load_runs([SEEDS / "amd_mobileone_seed0"], "no_such_arch")
