@@ -52,7 +52,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from rich.console import Console
 from rich.table import Table
 
-from repapq_deploy.artifacts import sha256_file
+from repapq_deploy.artifacts import atomic_path, sha256_file, write_json, write_text
 from repapq_deploy.environment import hardware, versions
 from repapq_deploy.quant.scheme import OFFSET_RELU_MODES
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES
@@ -320,8 +320,8 @@ def report(arch: str, epochs: int, warmup: float | None, fp32: float, rows: list
                "eval_images": 10000,
                "seed": args.seed, "jobs": args.jobs, "threads_per_build": 1 if args.jobs > 1 else "all",
                "fp32": fp32, "rows": rows, "hardware": machine or hardware(), "versions": libraries or versions()}
-    (args.out / f"{arch}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (args.out / f"{arch}.md").write_text("\n".join(md) + "\n")
+    write_json(args.out / f"{arch}.json", payload)
+    write_text(args.out / f"{arch}.md", "\n".join(md) + "\n")
     _chart(rows, fp32, arch, args.out / f"{arch}.png")
 
 
@@ -346,7 +346,8 @@ def _chart(rows: list[dict], fp32: float, arch: str, path: Path) -> None:
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 

@@ -58,6 +58,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from repapq_deploy.artifacts import write_json  # noqa: E402
 from repapq_deploy.environment import hardware  # noqa: E402
 from repapq_deploy.errors import DeployError  # noqa: E402
 from repapq_deploy.load import load_model  # noqa: E402
@@ -337,7 +338,7 @@ def main() -> None:
         if "error" in row:
             console.print(f"[red]{name} failed: {row['error']}[/red]")
         result["runs"] = [r for r in result["runs"] if r["name"] != name] + [row]
-        out_json.write_text(json.dumps(result, indent=2, default=str) + "\n")  # after every run
+        write_json(out_json, result)  # after every run
 
     table = Table(title=f"EfficientNet-Lite0 W{args.bits}A{args.bits}, 20 foolbox ImageNet images "
                         f"(calib: {len(calib)} skimage samples; FP32 top-1 of the original model {top1_lite:.0f} %)")

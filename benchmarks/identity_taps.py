@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from _reference import DEFAULT_MODELS, ensure_calib_set, ensure_model, parse_mod
 from rich.console import Console
 from rich.table import Table
 
+from repapq_deploy.artifacts import write_json
 from repapq_deploy.load import load_model
 from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.scheme import QuantConfig
@@ -107,7 +107,7 @@ def main() -> None:
                           f"{r['split_rel_error']:.2%}" if split else "-", *ratios)
         console.print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out, payload)
     Console(stderr=True).print(f"wrote {args.out}")
 
 

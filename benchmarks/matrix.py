@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from _reference import CACHE, ensure_model, ensure_test_set
 from rich.console import Console
 from rich.table import Table
 
+from repapq_deploy.artifacts import write_json, write_text
 from repapq_deploy.environment import hardware
 from repapq_deploy.pipeline import Build, BuildOptions
 
@@ -70,12 +70,12 @@ def main() -> None:
         table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
     Console().print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "matrix.json").write_text(json.dumps({"rows": rows, "eval_images": args.eval_count or 10000,
-                                                      "hardware": hardware()}, indent=2) + "\n")
+    write_json(args.out / "matrix.json", {"rows": rows, "eval_images": args.eval_count or 10000,
+                                          "hardware": hardware()})
     md = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     md += ["| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
            for r in rows]
-    (args.out / "matrix.md").write_text("\n".join(md) + "\n")
+    write_text(args.out / "matrix.md", "\n".join(md) + "\n")
     print(f"wrote {args.out}/matrix.json and matrix.md", file=sys.stderr)
 
 

@@ -17,7 +17,6 @@ upsampled to the input size. Prints a table and writes ``ort_speedup.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from rich.console import Console
 from rich.table import Table
 
+from repapq_deploy.artifacts import write_json
 from repapq_deploy.backends import benchmark_interleaved
 from repapq_deploy.backends.onnxruntime import OrtRunner, count_ops
 from repapq_deploy.environment import hardware, versions
@@ -111,7 +111,7 @@ def main() -> None:
     Console().print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "ort_speedup.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results)
     console.print(f"wrote {out}")
 
 

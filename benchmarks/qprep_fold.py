@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from repapq_deploy.artifacts import write_json
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
 from repapq_deploy.environment import hardware, versions
@@ -78,8 +78,8 @@ def main() -> None:
                       f"{r['median_rel_diff']:.2e}", f"{r['share_within_1e-5']:.2f}")
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "calib": args.calib, "iters": args.iters, "rows": rows,
-                                    "hardware": hardware(), "versions": versions()}, indent=2) + "\n")
+    write_json(args.out, {"model": args.model, "calib": args.calib, "iters": args.iters, "rows": rows,
+                          "hardware": hardware(), "versions": versions()})
 
 
 if __name__ == "__main__":
