@@ -27,8 +27,10 @@ graph in FP16) and with ``--high_precision_dtype fp32``; both peers' graphs run 
 Writes ``<arch>.json``, ``<arch>.md`` and ``<arch>.png`` per model to ``--out`` and prints tables.
 Re-running resumes: finished builds are reused through their manifests (a changed package re-runs
 them). ``--merge`` re-measures only the selected rows and keeps the other rows of an existing
-``<arch>.json``; every row records when it was measured (``measured_at``) and the SHA-256 of the
-checkpoint it measured (``model_sha256``, since session 22). ``--report-only``
+``<arch>.json``; every row records when it was measured (``measured_at``) and the checkpoint it
+measured: ``model_digest`` (``artifacts.model_digest``: the same for the same weights however the
+safetensors header is ordered; since session 26) or, in rows of sessions 22–25, ``model_sha256``, the
+file's bytes, which a re-save of the same weights can change. ``--report-only``
 rewrites the tables and charts from the JSON. "± s.e." is the paired standard error of the drop
 (from the images each engine lost and gained against FP32; rows measured before it was recorded
 show "-").
@@ -52,7 +54,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from rich.console import Console
 from rich.table import Table
 
-from repapq_deploy.artifacts import atomic_path, sha256_file, write_json, write_text
+from repapq_deploy.artifacts import atomic_path, model_digest, write_json, write_text
 from repapq_deploy.environment import hardware, versions
 from repapq_deploy.quant.scheme import OFFSET_RELU_MODES
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES
@@ -270,11 +272,11 @@ def main() -> None:
             rows += peer_rows(arch, fp32, next(work.glob("*/model.fp32.onnx")), calib, test, work,
                               args.modelopt_python)
         # which checkpoint a row measured: --merge mixes rows of several sessions, and a retrained
-        # checkpoint is the same model only if its bytes are
-        digest = sha256_file(model)
+        # checkpoint is the same model only if its weights are
+        digest = model_digest(model)
         for r in rows:
             r["measured_at"] = measured_at
-            r["model_sha256"] = digest
+            r["model_digest"] = digest
         if args.merge and (args.out / f"{arch}.json").exists():
             old = json.loads((args.out / f"{arch}.json").read_text())
             if (old["epochs"], old.get("warmup_epochs")) != (epochs, warmup):

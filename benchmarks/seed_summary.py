@@ -10,7 +10,8 @@ rows, the mean against the issue's target for that preset and setting. A row's r
 calibration seed (which also draws the calibration images) and in the thread count
 (``threads_per_build``): on the CPU both change a reconstruction's result (docs/method.md, "On the
 CPU"), so every run is one draw of the same random drop.
-All runs must measure the same checkpoint (same FP32 top-1 and, where recorded, the same SHA-256).
+All runs must measure the same checkpoint: the same FP32 top-1 and, among the runs that record one, the same
+``model_digest`` (content hash, since session 26) and the same ``model_sha256`` (file hash, sessions 22–25).
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ def load_runs(dirs: list[Path], arch: str) -> list[dict]:
             sys.exit(f"error: {path} not found: pass --out folders of benchmarks/calibration.py for --arch {arch}")
         runs.append({"dir": str(d), **json.loads(path.read_text())})
     fp32 = {r["fp32"] for r in runs}
-    shas = {row["model_sha256"] for r in runs for row in r["rows"] if row.get("model_sha256")}
-    if len(fp32) > 1 or len(shas) > 1:
-        sys.exit(f"error: the runs measured different checkpoints (FP32 {sorted(fp32)}, {len(shas)} SHA-256s); "
-                 "pool only runs of one model")
+    for field in ("model_digest", "model_sha256"):
+        seen = {row[field] for r in runs for row in r["rows"] if row.get(field)}
+        if len(seen) > 1:
+            sys.exit(f"error: the runs measured different checkpoints ({len(seen)} values of {field}); "
+                     "pool only runs of one model")
+    if len(fp32) > 1:
+        sys.exit(f"error: the runs measured different checkpoints (FP32 {sorted(fp32)}); pool only runs of one model")
     return runs
 
 

@@ -75,6 +75,28 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def model_digest(path: str | Path) -> str:
+    """Hex SHA-256 that names a checkpoint by its content: for ``.safetensors`` the header re-serialized
+    with sorted keys, then the tensor data; for other files their bytes. The safetensors writer keeps
+    ``metadata`` in a hash map, so the same weights saved twice can order the header differently and
+    differ in their bytes (and ``sha256_file``) while holding the same model."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return sha256_file(path)
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            # the format: an 8-byte little-endian header length, the JSON header, then the tensor data
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except (ValueError, MemoryError) as exc:
+        raise DeployError(f"{path}: not a readable safetensors file ({exc}); is it truncated?") from exc
+    return h.hexdigest()
+
+
 def sha256_path(path: str | Path) -> str:
     """Hash of a file, or of a folder's file names, sizes and contents (for image folders)."""
     path = Path(path)

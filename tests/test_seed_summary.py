@@ -41,3 +41,19 @@ def test_runs_of_different_checkpoints_are_refused() -> None:
         load_runs([SEEDS / "amd_mobileone_seed0", SEEDS / "eqall_seed1"], "mobileone_s0")
     with pytest.raises(SystemExit, match="not found"):
         load_runs([SEEDS / "amd_mobileone_seed0"], "no_such_arch")
+
+
+def test_runs_with_other_weights_are_refused_even_at_equal_fp32(tmp_path: Path) -> None:
+    run = json.loads((SEEDS / "amd_mobileone_t2_seed0" / "mobileone_s0.json").read_text())
+    dirs = []
+    for i, digest in enumerate(["aa" * 32, "bb" * 32]):
+        rows = [{**{k: v for k, v in row.items() if k != "model_sha256"}, "model_digest": digest}
+                for row in run["rows"]]
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "mobileone_s0.json").write_text(json.dumps({**run, "rows": rows}))
+        dirs.append(tmp_path / str(i))
+    with pytest.raises(SystemExit, match="2 values of model_digest"):
+        load_runs(dirs, "mobileone_s0")
+    # a run with a content digest pools with runs that recorded only a file hash or nothing
+    assert len(load_runs([dirs[0], SEEDS / "amd_mobileone_t2_seed1", SEEDS / "amd_mobileone_seed0"],
+                         "mobileone_s0")) == 3
