@@ -24,7 +24,8 @@ DEFAULT_MODELS = "repvgg_a0:15,mobileone_s0:15:w1"
 # The measured reference checkpoints were trained on AVX2 CPUs. PyTorch and oneDNN choose their kernels by
 # the CPU's instruction set, and 15 epochs carry the last-bit differences into other weights; capping both at
 # AVX2 retrains the same weights on an AVX-512 CPU (session 26: the session-13 repvgg_a0 again, its min-max
-# rows equal to the last digit of the cosine). On AVX2, train.py ignores --channels-last.
+# rows equal to the last digit of the cosine) and repeats a RepAPQ reconstruction of an AVX2 machine (the
+# same logit cosine to 16 digits). On AVX2, train.py ignores --channels-last.
 PINNED_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
@@ -44,21 +45,21 @@ def model_name(arch: str, epochs: int, warmup: float | None = None) -> str:
 def ensure_model(arch: str, epochs: int, warmup: float | None = None) -> Path:
     """Train ``arch`` for ``epochs`` (one-cycle warm-up of ``warmup`` epochs; default 15 %) unless a
     cached checkpoint exists; return its folder (a training cut off earlier resumes from the
-    ``train_state.pt`` that train.py leaves there), in ``training_env()`` (on x86 its kernels capped at AVX2,
+    ``train_state.pt`` that train.py leaves there), in ``reference_env()`` (on x86 its kernels capped at AVX2,
     where train.py trains in the contiguous format: half the speed of channels-last on AVX-512)."""
     folder = CACHE / model_name(arch, epochs, warmup)
     if not (folder / "model.safetensors").exists():
         cmd = [sys.executable, str(ROOT / "examples/fashion_mnist/train.py"), "--arch", arch,
                "--epochs", str(epochs), "--out", str(folder), "--channels-last"]
         subprocess.run(cmd + ([] if warmup is None else ["--warmup-epochs", f"{warmup:g}"]), check=True,
-                       env=training_env())
+                       env=reference_env())
     return folder
 
 
-def training_env() -> dict[str, str]:
-    """The environment to train a reference model in: on x86 CPUs with AVX2 or AVX-512, ``PINNED_ISA`` (a
-    variable the caller set wins), so an AVX-512 machine trains the weights an AVX2 one does; elsewhere
-    unchanged."""
+def reference_env() -> dict[str, str]:
+    """The environment reference models are trained and the calibration benchmark's builds run in: on x86
+    CPUs with AVX2 or AVX-512, ``PINNED_ISA`` (a variable the caller set wins), so an AVX-512 machine
+    trains and calibrates as an AVX2 one does, bit for bit; elsewhere unchanged."""
     env = dict(os.environ)
     if torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         env.update({k: env.get(k, v) for k, v in PINNED_ISA.items()})

@@ -24,6 +24,8 @@ activations; MinMax / Entropy / Percentile) and, with ``--modelopt-python`` poin
 environment with ``nvidia-modelopt[onnx]``, ModelOpt's ONNX INT8 PTQ with its default (rest of the
 graph in FP16) and with ``--high_precision_dtype fp32``; both peers' graphs run in ONNX Runtime CPU.
 
+Builds run with PyTorch's and oneDNN's kernels capped at AVX2 on x86 (``_reference.reference_env``, recorded
+as ``hardware.kernels_capped_at``), so an AVX-512 machine repeats an AVX2 machine's rows bit for bit.
 Writes ``<arch>.json``, ``<arch>.md`` and ``<arch>.png`` per model to ``--out`` and prints tables.
 Re-running resumes: finished builds are reused through their manifests (a changed package re-runs
 them). ``--merge`` re-measures only the selected rows and keeps the other rows of an existing
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -219,6 +222,8 @@ def main() -> None:
             report(payload["arch"], payload["epochs"], payload.get("warmup_epochs"), payload["fp32"],
                    payload["rows"], args, payload["hardware"], payload["versions"])
         return
+    # the builds' processes inherit this: on x86 they run AVX2 kernels, so the rows repeat on any such CPU
+    os.environ.update(ref.reference_env())
     calib, test = ref.ensure_calib_set(args.calib_count, args.seed), ref.ensure_test_set()
     settings = [s for s in SETTINGS if f"{s[0]}:{s[1]}" in args.settings.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +326,9 @@ def report(arch: str, epochs: int, warmup: float | None, fp32: float, rows: list
     payload = {"arch": arch, "epochs": epochs, "warmup_epochs": warmup, "calib_images": args.calib_count,
                "eval_images": 10000,
                "seed": args.seed, "jobs": args.jobs, "threads_per_build": 1 if args.jobs > 1 else "all",
-               "fp32": fp32, "rows": rows, "hardware": machine or hardware(), "versions": libraries or versions()}
+               "fp32": fp32, "rows": rows,
+               "hardware": machine or {**hardware(), "kernels_capped_at": os.environ.get("ATEN_CPU_CAPABILITY")},
+               "versions": libraries or versions()}
     write_json(args.out / f"{arch}.json", payload)
     write_text(args.out / f"{arch}.md", "\n".join(md) + "\n")
     _chart(rows, fp32, arch, args.out / f"{arch}.png")
