@@ -58,8 +58,9 @@ def ensure_model(arch: str, epochs: int, warmup: float | None = None) -> Path:
 
 def reference_env() -> dict[str, str]:
     """The environment reference models are trained and the calibration benchmark's builds run in: on x86
-    CPUs with AVX2 or AVX-512, ``PINNED_ISA`` (a variable the caller set wins), so an AVX-512 machine
-    trains and calibrates as an AVX2 one does, bit for bit; elsewhere unchanged."""
+    CPUs with AVX2 or AVX-512, ``PINNED_ISA`` (a variable the caller set wins), so that an AVX-512 machine
+    trains and calibrates as an AVX2 one does (measured to the last digit in session 26); elsewhere
+    unchanged."""
     env = dict(os.environ)
     if torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         env.update({k: env.get(k, v) for k, v in PINNED_ISA.items()})

@@ -25,7 +25,8 @@ environment with ``nvidia-modelopt[onnx]``, ModelOpt's ONNX INT8 PTQ with its de
 graph in FP16) and with ``--high_precision_dtype fp32``; both peers' graphs run in ONNX Runtime CPU.
 
 Builds run with PyTorch's and oneDNN's kernels capped at AVX2 on x86 (``_reference.reference_env``, recorded
-as ``hardware.kernels_capped_at``), so an AVX-512 machine repeats an AVX2 machine's rows bit for bit.
+as ``hardware.kernels_capped_at``): so capped, an AVX-512 machine repeated an AVX2 machine's build to the
+last digit (session 26), where uncapped kernels sum floats in another order.
 Writes ``<arch>.json``, ``<arch>.md`` and ``<arch>.png`` per model to ``--out`` and prints tables.
 Re-running resumes: finished builds are reused through their manifests (a changed package re-runs
 them). ``--merge`` re-measures only the selected rows and keeps the other rows of an existing
