@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from repapq_deploy.artifacts import atomic_path, save_torch, sha256_path, write_json, write_text
+from repapq_deploy.artifacts import atomic_path, model_digest, save_torch, sha256_path, write_json, write_text
 from repapq_deploy.backends import benchmark_interleaved, get_backend, resolve_backend
 from repapq_deploy.backends.base import paired_speedup
 from repapq_deploy.backends.onnxruntime import OrtRunner
@@ -169,7 +169,8 @@ class Build:
         p = Path(self.opts.model)
         if not p.is_file():
             raise DeployError(f"{p}: model file not found; pass the path to a .pt/.pth/.safetensors/.pt2 file")
-        return sha256_path(p)
+        # by content: the same weights saved again can come in other bytes (safetensors' header order)
+        return model_digest(p)
 
     @cached_property
     def calib_hash(self) -> str:

@@ -253,6 +253,21 @@ def test_rerun_skips_every_stage(ort8, tmp_path):
     assert after == before  # manifest ('finished' times included) and every artifact untouched
 
 
+def test_same_weights_saved_again_skip_every_stage(ort8, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(MODEL), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    resaved = tmp_path / "model.safetensors"
+    save_file(tensors, str(resaved), metadata=dict(reversed(list(meta.items()))))
+    out = copy_build(ort8.out, tmp_path / "resaved")
+    result = cli("build", resaved, "--calib", CALIB, "--eval", EVAL, "--out", out, *FAST,
+                 "--profile", "onnxruntime", "--bits", 8)
+    assert result.exit_code == 0, result.output
+    assert stage_log(result) == (set(), set(STAGES))
+
+
 def test_changed_method_reruns_calibrate_and_later_only(ort8, tmp_path):
     out = copy_build(ort8.out, tmp_path / "minmax")
     old = manifest(out)["stages"]
