@@ -29,6 +29,7 @@ from conftest import EXAMPLE_SPLITS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from repapq_deploy.artifacts import model_digest
 from repapq_deploy.backends.registry import tensorrt_present
 from repapq_deploy.cli import main
 from repapq_deploy.pipeline import STAGES
@@ -216,7 +217,7 @@ def test_manifest_records_every_stage(build_of, profile, bits):
     assert m["stages"]["export"]["result"]["lint"]["violations"] == []
     assert set(m["stages"]["engine"]["outputs"]) == {b.report["engine"]["path"]}
     assert set(m["stages"]["verify"]["outputs"]) == REPORTS
-    assert m["stages"]["reparam"]["inputs"]["model"] == sha256(MODEL)
+    assert m["stages"]["reparam"]["inputs"]["model"] == model_digest(MODEL)
     assert m["stages"]["calibrate"]["options"]["method"] == "repapq"
     assert m["stages"]["calibrate"]["options"]["bits"] == bits
     assert m["stages"]["verify"]["result"] == b.report
