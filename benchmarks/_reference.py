@@ -45,26 +45,25 @@ def model_name(arch: str, epochs: int, warmup: float | None = None) -> str:
 def ensure_model(arch: str, epochs: int, warmup: float | None = None) -> Path:
     """Train ``arch`` for ``epochs`` (one-cycle warm-up of ``warmup`` epochs; default 15 %) unless a
     cached checkpoint exists; return its folder (a training cut off earlier resumes from the
-    ``train_state.pt`` that train.py leaves there), in ``reference_env()`` (on x86 its kernels capped at AVX2,
+    ``train_state.pt`` that train.py leaves there), with ``isa_caps()`` (on x86 its kernels capped at AVX2,
     where train.py trains in the contiguous format: half the speed of channels-last on AVX-512)."""
     folder = CACHE / model_name(arch, epochs, warmup)
     if not (folder / "model.safetensors").exists():
         cmd = [sys.executable, str(ROOT / "examples/fashion_mnist/train.py"), "--arch", arch,
                "--epochs", str(epochs), "--out", str(folder), "--channels-last"]
         subprocess.run(cmd + ([] if warmup is None else ["--warmup-epochs", f"{warmup:g}"]), check=True,
-                       env=reference_env())
+                       env={**os.environ, **isa_caps()})
     return folder
 
 
-def reference_env() -> dict[str, str]:
-    """The environment reference models are trained and the calibration benchmark's builds run in: on x86
-    CPUs with AVX2 or AVX-512, ``PINNED_ISA`` (a variable the caller set wins), so that an AVX-512 machine
-    trains and calibrates as an AVX2 one does (measured to the last digit in session 26); elsewhere
-    unchanged."""
-    env = dict(os.environ)
-    if torch.backends.cpu.get_cpu_capability().startswith("AVX"):
-        env.update({k: env.get(k, v) for k, v in PINNED_ISA.items()})
-    return env
+def isa_caps() -> dict[str, str]:
+    """The variables to add to the environment reference models are trained and the calibration benchmark's
+    builds run in: on x86 CPUs with AVX2 or AVX-512, those of ``PINNED_ISA`` the caller has not set, so that
+    an AVX-512 machine trains and calibrates as an AVX2 one does (measured to the last digit in session 26);
+    elsewhere none."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        return {}
+    return {k: v for k, v in PINNED_ISA.items() if k not in os.environ}
 
 
 def ensure_test_set() -> Path:

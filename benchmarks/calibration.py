@@ -24,7 +24,7 @@ activations; MinMax / Entropy / Percentile) and, with ``--modelopt-python`` poin
 environment with ``nvidia-modelopt[onnx]``, ModelOpt's ONNX INT8 PTQ with its default (rest of the
 graph in FP16) and with ``--high_precision_dtype fp32``; both peers' graphs run in ONNX Runtime CPU.
 
-Builds run with PyTorch's and oneDNN's kernels capped at AVX2 on x86 (``_reference.reference_env``, recorded
+Builds run with PyTorch's and oneDNN's kernels capped at AVX2 on x86 (``_reference.isa_caps``, recorded
 as ``hardware.kernels_capped_at``): so capped, an AVX-512 machine repeated an AVX2 machine's build to the
 last digit (session 26), where uncapped kernels sum floats in another order.
 Writes ``<arch>.json``, ``<arch>.md`` and ``<arch>.png`` per model to ``--out`` and prints tables.
@@ -224,7 +224,7 @@ def main() -> None:
                    payload["rows"], args, payload["hardware"], payload["versions"])
         return
     # the builds' processes inherit this: on x86 they run AVX2 kernels, so the rows repeat on any such CPU
-    os.environ.update(ref.reference_env())
+    os.environ.update(ref.isa_caps())
     calib, test = ref.ensure_calib_set(args.calib_count, args.seed), ref.ensure_test_set()
     settings = [s for s in SETTINGS if f"{s[0]}:{s[1]}" in args.settings.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
