@@ -93,7 +93,8 @@ def model_digest(path: str | Path) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     except (ValueError, MemoryError) as exc:
-        raise DeployError(f"{path}: not a readable safetensors file ({exc}); is it truncated?") from exc
+        raise DeployError(f"{path}: not a readable safetensors file ({exc}); "
+                          "if it is truncated, save or export it again") from exc
     return h.hexdigest()
 
 
