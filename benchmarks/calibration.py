@@ -92,7 +92,8 @@ def _build(kwargs: dict, recipe: dict | None) -> dict:
     return {"fp32": acc["fp32"]["top1"], "top1": acc["engine"]["top1"], "fake_quant": acc["fake_quant"]["top1"],
             "agreement": acc["agreement_top1"], "cosine": acc["cosine"], "calib_seconds": cal["seconds"],
             "lost": acc["drop"]["lost"], "gained": acc["drop"]["gained"], "drop_se_pp": acc["drop"]["drop_se_pp"],
-            "peak_memory_mib": cal["details"].get("peak_memory_mib"), "engine": r["engine"]["backend"],
+            "peak_memory_mib": cal["details"].get("peak_memory_mib"),
+            "peak_cuda_memory_mib": cal["details"].get("peak_cuda_memory_mib"), "engine": r["engine"]["backend"],
             "int8_op_fraction": r["engine"]["int8_op_fraction"],
             "export_agreement": r["export"]["check"]["agreement_top1"],
             "export_max_rel_diff": r["export"]["check"]["max_rel_diff"], "build_seconds": time.perf_counter() - t0}
