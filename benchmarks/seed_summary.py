@@ -9,7 +9,9 @@ every run, their mean, sample standard deviation and the standard error of the m
 rows, the mean against the issue's target for that preset and setting. A row's runs differ in the
 calibration seed (which also draws the calibration images) and in the thread count
 (``threads_per_build``): on the CPU both change a reconstruction's result (docs/method.md, "On the
-CPU"), so every run is one draw of the same random drop.
+CPU"), so every run is one draw of the same random drop; a run calibrated on CUDA (the row's ``device``)
+is another such draw, since its float sums run in yet another order, and is labelled ``cuda`` in place of its
+thread count.
 All runs must measure the same checkpoint: the same FP32 top-1 and, among the runs that record one, the same
 ``model_digest`` (content hash, since session 26) and the same ``model_sha256`` (file hash, sessions 22–25).
 """
@@ -57,7 +59,8 @@ def summarize(runs: list[dict], targets: dict[str, float]) -> list[dict]:
         for row in run["rows"]:
             cells.setdefault(tuple(row[k] for k in KEY), []).append(
                 {"dir": run["dir"], "seed": run["seed"], "threads": run["threads_per_build"],
-                 "drop_pp": round(run["fp32"] - row["top1"], 4), "agreement": row["agreement"],
+                 "device": row.get("device", "cpu"), "drop_pp": round(run["fp32"] - row["top1"], 4),
+                 "agreement": row["agreement"],
                  "lost": row.get("lost"), "gained": row.get("gained")})
     out = []
     for key, got in cells.items():
@@ -91,11 +94,12 @@ def main() -> None:
     runs = load_runs(args.runs, args.arch)
     cells = summarize(runs, targets)
     table = Table(title=f"{args.arch}: top-1 drop in pp over {len(runs)} runs (FP32 {runs[0]['fp32']:.2f} %)")
-    for col in ("method", "preset", "setting", "profile", "drops (seed/threads)", "mean", "s.d.", "s.e.m.",
+    for col in ("method", "preset", "setting", "profile", "drops (seed/threads or cuda)", "mean", "s.d.", "s.e.m.",
                 "agreement %", "target"):
         table.add_column(col, justify="right")
     for c in cells:
-        drops = " ".join(f"{r['drop_pp']:+.2f}({r['seed']}/{r['threads']})" for r in c["runs"])
+        drops = " ".join(f"{r['drop_pp']:+.2f}({r['seed']}/{'cuda' if r['device'] == 'cuda' else r['threads']})"
+                         for r in c["runs"])
         verdict = "-" if c["target_pp"] is None else f"≤ {c['target_pp']}: {'yes' if c['meets_target'] else 'no'}"
         table.add_row(c["method"], c["preset"], c["setting"], c["profile"], drops, f"{c['mean_drop_pp']:+.3f}",
                       _num(c["sd_pp"]), _num(c["sem_pp"]), f"{c['mean_agreement']:.2f}", verdict)

@@ -57,3 +57,14 @@ def test_runs_with_other_weights_are_refused_even_at_equal_fp32(tmp_path: Path) 
     # a run with a content digest pools with runs that recorded only a file hash or nothing
     assert len(load_runs([dirs[0], SEEDS / "amd_mobileone_t2_seed1", SEEDS / "amd_mobileone_seed0"],
                          "mobileone_s0")) == 3
+
+
+def test_a_cuda_run_pools_with_the_cpu_runs_of_the_same_weights() -> None:
+    cuda = BENCH / "results" / "calibration_cuda" / "session27_repvgg_a0"
+    dirs = [SEEDS / "amd_eqall_t2_seed2", cuda]
+    cells = {(c["method"], c["preset"], c["setting"], c["profile"]): c
+             for c in summarize(load_runs(dirs, "repvgg_a0"), TARGETS)}
+    cell = cells[("repapq (equalize all)", "default", "W8A8", "tensorrt")]
+    assert [r["device"] for r in cell["runs"]] == ["cpu", "cuda"]
+    fp32 = json.loads((cuda / "repvgg_a0.json").read_text())["fp32"]
+    assert cell["runs"][1]["drop_pp"] == pytest.approx(fp32 - 92.99, abs=1e-6)
