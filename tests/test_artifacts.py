@@ -45,5 +45,6 @@ def test_other_formats_hash_their_bytes(tmp_path: Path) -> None:
 def test_truncated_safetensors_is_a_clear_error(tmp_path: Path) -> None:
     path = _save(tmp_path / "m.safetensors", {"w": torch.ones(2)}, META)
     path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(DeployError, match="m.safetensors: not a readable safetensors file"):
+    with pytest.raises(DeployError, match="m.safetensors: not a readable safetensors file") as err:
         model_digest(path)
+    assert "save or export it again" in str(err.value) and "\n" not in str(err.value)

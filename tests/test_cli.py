@@ -255,9 +255,6 @@ def test_rerun_skips_every_stage(ort8, tmp_path):
 
 
 def test_same_weights_saved_again_skip_every_stage(ort8, tmp_path):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     with safe_open(str(MODEL), "pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     resaved = tmp_path / "model.safetensors"
