@@ -121,6 +121,16 @@ class BuildOptions:
         return asdict(self)
 
 
+def load_calibrated(fused: torch.nn.Module, qstate: Path) -> QuantizedModel:
+    """The fake-quant model a calibrate stage left in ``qstate`` (``qstate.pt``), on ``fused``."""
+    state = torch.load(qstate, map_location="cpu", weights_only=True)
+    qm = quantize_model(fused, QuantConfig(**state["config"]))
+    qm.load_scales(state["scales"])
+    qm.load_layer_tensors(state["layers"])
+    qm.set_mode("quant")
+    return qm
+
+
 class Build:
     """One build folder: runs the stages in order, skipping those already up to date."""
 
@@ -359,12 +369,7 @@ class Build:
     @property
     def qmodel(self) -> QuantizedModel:
         if self._qm is None:
-            state = torch.load(self.out / QSTATE, map_location="cpu", weights_only=True)
-            qm = quantize_model(self.fused, QuantConfig(**state["config"]))
-            qm.load_scales(state["scales"])
-            qm.load_layer_tensors(state["layers"])
-            qm.set_mode("quant")
-            self._qm = qm
+            self._qm = load_calibrated(self.fused, self.out / QSTATE)
         return self._qm
 
     @property

@@ -319,10 +319,13 @@ def test_offset_relu_rebuilds_from_calibrate_with_a_matching_export(build_of, tm
     assert report["export"]["check"]["agreement_top1"] == 100
     nodes = onnx.load(str(out / "model.qdq.onnx")).graph.node
     producer = {o: n.op_type for n in nodes for o in n.output}
-    # the example's unsplit convs and its classifier read offset tensors, each stored through a Sub before
-    # its Q; every weighted layer still reads a DequantizeLinear (the shift went into the biases)
+    # the example's unsplit convs and its classifier read offset tensors; a conv's ReLU output is stored
+    # by its Q alone (shift in the conv's bias), any other through a Sub before the Q; every weighted
+    # layer still reads a DequantizeLinear (the shift went into the biases)
     subs = [n for n in nodes if n.op_type == "Sub"]
-    assert len(subs) == counted["offset"]
+    absorbed = [n for n in nodes if n.op_type == "Conv" and n.input[2].endswith("_relu_offset_bias")]
+    assert len(subs) == 1 and producer[subs[0].input[0]] == "Flatten"  # the classifier's pooled input
+    assert len(absorbed) == counted["offset"] - 1
     assert all([n.op_type for n in nodes if sub.output[0] in n.input] == ["QuantizeLinear"] for sub in subs)
     assert all(producer[n.input[0]] == "DequantizeLinear" for n in nodes if n.op_type in ("Conv", "Gemm"))
 

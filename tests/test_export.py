@@ -317,12 +317,16 @@ def test_offset_relu_graph_shape(offset_exports, mode: str) -> None:
     qm, g = offset_exports[mode]
     offsets = [q for q in qm.act_quantizers.values() if q.fmt.offset]
     assert len(offsets) == len(OffsetNet.OFFSET[mode])
+    # a conv's ReLU output is stored by the int8 Q alone (the shift is in the conv's bias, the ReLU is the
+    # Q's saturation at -128): only the classifier's input, a pooled tensor, keeps a Sub(x, 128 s)
     subs = g.of("Sub")
-    assert len(subs) == len(offsets)
-    for sub in subs:  # Sub(x, 128 s) -> int8 Q with scale s and zero point 0
-        q = next(n for n in g.of("QuantizeLinear") if n.input[0] == sub.output[0])
-        assert g.init(q.input[2]).dtype == np.int8 and g.init(q.input[2]) == 0
-        assert g.init(sub.input[1]) == np.float32(g.init(q.input[1]) * 128)
+    assert len(subs) == 1 and g.producer_op(subs[0].input[0]) == "Flatten"
+    q = next(n for n in g.of("QuantizeLinear") if n.input[0] == subs[0].output[0])
+    assert g.init(q.input[2]).dtype == np.int8 and g.init(q.input[2]) == 0
+    assert g.init(subs[0].input[1]) == np.float32(g.init(q.input[1]) * 128)
+    assert len(g.of("Relu")) == len(g.of("Conv")) - (len(offsets) - 1)  # OffsetNet: a ReLU after every conv
+    absorbed = [n for n in g.of("QuantizeLinear") if g.producer_op(n.input[0]) in ("Conv", "Add")]
+    assert len(absorbed) == len(offsets) - 1
     # every weighted layer reads a DequantizeLinear directly (the Add of the shift is folded away) ...
     for layer in g.of("Conv") + g.of("Gemm"):
         assert g.producer_op(layer.input[0]) == "DequantizeLinear", layer.name

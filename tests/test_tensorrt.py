@@ -367,6 +367,22 @@ def test_summarize_layers_names_only():
     assert any("precisions unknown" in n for n in info_notes)
 
 
+def test_summarize_layers_names_unfused_offset_relu_ops():
+    # --offset-relu's Sub before a Q and its border-map Add should run inside a conv's epilogue; one that
+    # TensorRT leaves as its own layer costs a pass over the tensor, and the engine notes say which
+    info = {"Layers": [
+        {"Name": "/reparam_conv_1/Conv + /reparam_conv_1/Conv_offset_border", "LayerType": "CaskConvolution"},
+        {"Name": "PWN(/reparam_conv_2/Conv_offset_border)", "LayerType": "PointWise"},
+        {"Name": "/act_quant_14/Sub", "LayerType": "ElementWise"},
+        {"Name": "/act_quant_3/QuantizeLinear", "LayerType": "Scale"}]}
+    s = summarize_layers(info)
+    assert s["unfused_offsets"] == ["PWN(/reparam_conv_2/Conv_offset_border)", "/act_quant_14/Sub"]
+    notes = engine_info("m.plan", s).notes
+    assert any(n.startswith("--offset-relu ops not fused") and "/act_quant_14/Sub" in n for n in notes)
+    assert summarize_layers({"Layers": ["/reparam_conv_1/Conv + /reparam_conv_1/Conv_offset_border"]})[
+        "unfused_offsets"] == []
+
+
 @pytest.mark.parametrize(("tensor", "precision"), [
     ({"Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format."}, "int8"),
     ({"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}, "fp16"),

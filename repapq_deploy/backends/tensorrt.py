@@ -42,6 +42,9 @@ from repapq_deploy.errors import DeployError
 CONV_GEMM_MARKERS = ("convolution", "gemm", "matrixmultiply", "fullyconnected")
 MYELIN_TYPES = {"myelin"}
 POINTWISE_TYPES = {"activation", "elementwise", "pointwise", "pointwisev2"}
+# --offset-relu's own ops, by the names the export gives them: the Sub of a shifted activation
+# quantizer and the border-map Add after a padded conv (export.onnx._fold_activation_offsets)
+OFFSET_OP = re.compile(r"act_quant_\d+/Sub|_offset_border")
 MAX_NAMES_IN_NOTE = 5
 
 
@@ -313,14 +316,15 @@ def summarize_layers(info: dict) -> dict:
 
     Reformat layers (LayerType "Reformat", or "reformat" in the name) are counted apart and not by
     precision: they move data, they do not compute. ``unfused_clips`` lists Clip layers that run as
-    their own pointwise layer instead of in a conv epilogue (the INT6 emulation wants them fused).
+    their own pointwise layer instead of in a conv epilogue (the INT6 emulation wants them fused);
+    ``unfused_offsets`` does the same for ``--offset-relu``'s Sub before a Q and its border-map Add.
     Layers given as plain strings (engines built without detailed profiling verbosity) are counted,
     with no precision. ``int8_layer_fraction`` is over layers of known precision (None if none).
     """
     layers = info.get("Layers", []) if isinstance(info, dict) else []
     counts: Counter = Counter()
     types: Counter = Counter()
-    fp32_layers, unfused_clips = [], []
+    fp32_layers, unfused_clips, unfused_offsets = [], [], []
     reformat = integer_ops = float_ops = 0
     for layer in layers:
         if isinstance(layer, str):
@@ -333,8 +337,11 @@ def summarize_layers(info: dict) -> dict:
         if layer_type == "Reformat" or "reformat" in lowered:
             reformat += 1
             continue
-        if "clip" in lowered and (layer_type.lower() in POINTWISE_TYPES if layer_type else " + " not in name):
+        standalone = layer_type.lower() in POINTWISE_TYPES if layer_type else " + " not in name
+        if "clip" in lowered and standalone:
             unfused_clips.append(name)
+        if standalone and OFFSET_OP.search(name):
+            unfused_offsets.append(name)
         if precision in ("int8", "fp16", "fp32"):
             counts[precision] += 1
             if precision == "fp32":
@@ -347,7 +354,7 @@ def summarize_layers(info: dict) -> dict:
     known = counts["int8"] + counts["fp16"] + counts["fp32"]
     return {
         "layers": len(layers), "int8": counts["int8"], "fp16": counts["fp16"], "fp32": counts["fp32"],
-        "reformat": reformat, "unfused_clips": unfused_clips,
+        "reformat": reformat, "unfused_clips": unfused_clips, "unfused_offsets": unfused_offsets,
         "int8_layer_fraction": counts["int8"] / known if known else None,
         "integer_ops": integer_ops, "float_ops": float_ops, "fp32_layers": fp32_layers,
         "layer_types": dict(sorted(types.items())),
@@ -373,6 +380,9 @@ def engine_info(path: str | Path, summary: dict, notes: list[str] | None = None)
         notes.append(f"FP32 layers: {_names(summary['fp32_layers'])}")
     if summary["unfused_clips"]:
         notes.append(f"Clip layers not fused into their conv: {_names(summary['unfused_clips'])}")
+    if summary.get("unfused_offsets"):
+        notes.append("--offset-relu ops not fused into their conv (an extra pass over the tensor each): "
+                     f"{_names(summary['unfused_offsets'])}")
     return EngineInfo("tensorrt", str(path), integer, floating,
                       integer / (integer + floating) if integer + floating else 0.0,
                       summary["layer_types"], notes)

@@ -87,6 +87,7 @@ def _clean(model: onnx.ModelProto) -> onnx.ModelProto:
     _fold_quantized_pads(graph)
     _drop_clips_the_grid_implies(graph)
     _fold_activation_offsets(graph)
+    _absorb_offset_relus(graph)
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version
@@ -259,6 +260,57 @@ def _fold_activation_offsets(graph: gs.Graph) -> None:
                             inputs=[pre, gs.Constant(f"{layer.name}_offset_border_map", border.astype(np.float32))],
                             outputs=[y])
         add.outputs.clear()
+
+
+def _biased_layer(t: gs.Tensor) -> gs.Node | None:
+    """The Conv/Gemm whose constant bias can take a constant added to ``t``: its producer, or, through
+    the sums that make ``t`` (a border map, a residual shortcut), one of theirs; None if there is none
+    that only ``t`` reads."""
+    node = t.inputs[0] if len(t.inputs) == 1 and len(t.outputs) == 1 else None
+    if node is None:
+        return None
+    if node.op == "Add":
+        for x in node.inputs:
+            found = _biased_layer(x) if _constant_value(x) is None else None
+            if found is not None:
+                return found
+        return None
+    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.attrs.get("beta", 1.0) != 1.0:
+        return None
+    bias = _constant_value(node.inputs[2])
+    return node if bias is not None and bias.ndim == 1 else None
+
+
+def _absorb_offset_relus(graph: gs.Graph) -> None:
+    """``Conv(b) -> Relu -> Sub(128 s) -> Q(s, int8)`` becomes ``Conv(b - 128 s) -> Q(s, int8)``: the
+    int8 Q saturates everything below ``-128 s`` to -128, which is where the ReLU sent every negative
+    value, so the ReLU and the Sub are the Q's own saturation (exact up to float32 round-off). TensorRT
+    then sees the plain ``Conv -> Q`` of an int8-output convolution, with no pointwise op of the offset
+    in between. Sums between the conv and the ReLU (a border map, a residual shortcut) are linear, so
+    the shift goes into the bias of a conv that feeds them. Where the Relu or the Sub has another
+    reader, or no such conv is found, the Sub stays."""
+    for sub in [n for n in graph.nodes if n.op == "Sub" and len(n.outputs[0].outputs) == 1]:
+        q = sub.outputs[0].outputs[0]
+        shift = _constant_value(sub.inputs[1])
+        scale = _constant_value(q.inputs[1]) if len(q.inputs) > 2 else None
+        zp = _constant_value(q.inputs[2]) if len(q.inputs) > 2 else None
+        if (q.op != "QuantizeLinear" or shift is None or scale is None or zp is None or shift.size != 1
+                or scale.size != 1 or zp.dtype != np.int8 or np.any(zp != 0)
+                or np.float32(scale.reshape(-1)[0]) * np.float32(128) != np.float32(shift.reshape(-1)[0])):
+            continue
+        relu_out = sub.inputs[0]
+        relu = relu_out.inputs[0] if len(relu_out.inputs) == 1 else None
+        if relu is None or relu.op != "Relu" or len(relu_out.outputs) != 1 or relu_out in graph.outputs:
+            continue
+        layer = _biased_layer(relu.inputs[0])
+        if layer is None:
+            continue
+        bias = _constant_value(layer.inputs[2])
+        layer.inputs[2] = gs.Constant(f"{layer.name}_relu_offset_bias",
+                                      (bias.astype(np.float64) - float(shift.reshape(-1)[0])).astype(np.float32))
+        q.inputs[0] = relu.inputs[0]
+        relu.outputs.clear()
+        sub.outputs.clear()
 
 
 def export_fp32(model: nn.Module, sample: torch.Tensor, path: str | Path, opset: int = 17) -> None:
