@@ -339,6 +339,52 @@ def test_offset_relu_graph_shape(offset_exports, mode: str) -> None:
         assert np.all(border[:, :, 1:, 1:] == 0) and np.any(border[:, :, 0] != 0)  # stride 2: top/left pad only
 
 
+def _offset_chain(second_reader: bool) -> onnx.ModelProto:
+    """Conv -> Relu -> Sub(128 s) -> Q(s, int8) -> DQ, optionally with the Relu's output read elsewhere too."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    s = np.float32(0.02)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.5, 4).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(128 * s, np.float32), "shift"),
+             numpy_helper.from_array(np.array(s, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.int8), "zp")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["z"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["z"], ["r"]), helper.make_node("Sub", ["r", "shift"], ["rs"]),
+             helper.make_node("QuantizeLinear", ["rs", "s", "zp"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])]
+    outputs = [helper.make_tensor_value_info("q", TensorProto.INT8, None),
+               helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if second_reader:
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("second_reader", [False, True])
+def test_offset_relu_is_absorbed_into_the_conv_bias_only_where_exact(ort_session, second_reader: bool) -> None:
+    import onnx_graphsurgeon as gs
+
+    from repapq_deploy.export.onnx import _absorb_offset_relus
+
+    model = _offset_chain(second_reader)
+    graph = gs.import_onnx(model)
+    _absorb_offset_relus(graph)
+    after = gs.export_onnx(graph.cleanup().toposort())
+    ops = Counter(n.op_type for n in after.graph.node)
+    x = np.random.default_rng(1).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    q0 = ort_session(model).run(["q"], {"x": x})[0]
+    q1 = ort_session(after).run(["q"], {"x": x})[0]
+    if second_reader:  # the ReLU's output is needed as it is: nothing changes
+        assert ops == Counter(n.op_type for n in model.graph.node)
+    else:  # Conv(b - 128 s) -> Q: the ReLU is the Q's saturation at -128
+        assert ops == Counter({"Conv": 1, "QuantizeLinear": 1, "DequantizeLinear": 1})
+        assert (q0 == -128).any() and (q0 > -128).any()
+    assert (np.abs(q0.astype(int) - q1.astype(int)) <= 1).all() and (q0 == q1).mean() > 0.99
+
+
 @pytest.mark.parametrize("mode", ["none", "unpadded", "all"])
 def test_offset_relu_graph_is_lint_clean_for_tensorrt(offset_exports, mode: str) -> None:
     from repapq_deploy.export.fp16 import convert_to_fp16

@@ -227,8 +227,9 @@ def _fold_activation_offsets(graph: gs.Graph) -> None:
     """``Sub(x, c) -> Q -> DQ -> Add(c) -> Conv/Gemm`` (an offset 8-bit grid, IntFormat.offset) becomes
     ``Sub(x, c) -> Q -> DQ -> Conv/Gemm`` with ``c * sum(W)`` added to the bias, plus, for a conv with
     zero padding, a constant border map added to its output (its padded zeros now read as ``-c``).
-    Exact up to float32 round-off. The Sub is meant to fuse into the producing conv's epilogue and the
-    map (an elementwise sum with a constant) into the reading conv's, in TensorRT; not verified here."""
+    Exact up to float32 round-off. Where a conv produces ``x``, :func:`_absorb_offset_relus` then
+    removes the Sub too; the map (an elementwise sum with a constant) is meant to fuse into the reading
+    conv's epilogue in TensorRT, not verified here."""
     for add in [n for n in graph.nodes if n.op == "Add" and len(n.inputs) == 2]:
         src, c = add.inputs
         shift = _constant_value(c)
