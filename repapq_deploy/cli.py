@@ -77,11 +77,13 @@ def build_options(fn):
         click.option("--add-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
                      help="Bits of tensors quantized only because an integer Add needs them (no weighted "
                           "layer reads them); 6 makes --bits 6 quantize those too."),
-        click.option("--offset-relu", type=click.Choice(list(OFFSET_RELU_MODES)), default="none", show_default=True,
-                     help="TensorRT profile, 8 bits: give post-ReLU tensors all 256 int8 levels by storing x - 128 s "
-                          "and adding the constant back through the reading layers' biases ('unpadded': only "
-                          "tensors read by linear layers and unpadded convs; 'all': padded convs too, with a "
-                          "constant border map after them). Without it they use [0, 127]."),
+        click.option("--offset-relu", type=click.Choice(["auto", *OFFSET_RELU_MODES]), default="auto",
+                     show_default=True,
+                     help="TensorRT profile, 8-bit activations: give post-ReLU tensors all 256 int8 levels by "
+                          "storing x - 128 s and adding the constant back through the reading layers' biases "
+                          "('unpadded': only tensors read by linear layers and unpadded convs; 'all': padded "
+                          "convs too, with a constant border map after them; 'none': they use [0, 127]). "
+                          "'auto' is 'unpadded' on tensorrt and 'none' on onnxruntime (uint8 already)."),
         click.option("--split-identity/--no-split-identity", default=True, show_default=True,
                      help="Keep each fused kernel's dominant identity tap as a depthwise 1x1 conv beside it, "
                           "so it does not set the kernel's quantization range (one extra conv and add per "

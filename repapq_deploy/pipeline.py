@@ -47,7 +47,7 @@ from repapq_deploy.load import LoadedModel, load_model, zip_names
 from repapq_deploy.manifest import Manifest
 from repapq_deploy.progress import log
 from repapq_deploy.quant.placement import QuantizedModel, quantize_model
-from repapq_deploy.quant.scheme import QuantConfig
+from repapq_deploy.quant.scheme import QuantConfig, resolve_offset_relu
 from repapq_deploy.reparam import fuse_model
 from repapq_deploy.verify import (
     ACCURACY_PNG,
@@ -86,7 +86,7 @@ class BuildOptions:
     bits: int = 8
     first_last_bits: int = 8
     add_bits: int = 8
-    offset_relu: str = "none"
+    offset_relu: str = "auto"  # see quant.scheme.resolve_offset_relu
     split_identity: bool = True
     equalize: str = "auto"  # see calibrate.equalize_choice
     method: str = "repapq"
@@ -144,7 +144,8 @@ class Build:
         limit_threads(opts.threads)
         self.engine_backend, self.profile = resolve_backend(opts.backend, opts.profile)
         self.qconfig = QuantConfig(self.profile, opts.bits, opts.first_last_bits, opts.split_identity,
-                                   add_bits=opts.add_bits, offset_relu=opts.offset_relu)
+                                   add_bits=opts.add_bits,
+                                   offset_relu=resolve_offset_relu(opts.offset_relu, self.profile))
         self.manifest = Manifest(self.out / MANIFEST, versions())
         self.results: dict[str, dict] = {}
         self._fused: torch.nn.Module | None = None

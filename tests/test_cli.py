@@ -330,6 +330,25 @@ def test_offset_relu_rebuilds_from_calibrate_with_a_matching_export(build_of, tm
     assert all(producer[n.input[0]] == "DequantizeLinear" for n in nodes if n.op_type in ("Conv", "Gemm"))
 
 
+@pytest.mark.parametrize(("profile", "resolved"), [("tensorrt", "unpadded"), ("onnxruntime", "none")])
+def test_offset_relu_auto_is_the_profiles_choice_and_recorded_as_such(build_of, profile, resolved):
+    import onnx
+
+    built = build_of(profile, 8)  # no --offset-relu: auto
+    calibrated = manifest(built.out)["stages"]["calibrate"]
+    assert calibrated["options"]["offset_relu"] == resolved  # the manifest names the mode that ran
+    nodes = onnx.load(str(built.out / "model.qdq.onnx")).graph.node
+    ops = {n.op_type for n in nodes}
+    if resolved == "none":
+        assert "offset_relu" not in calibrated["result"] and "Sub" not in ops
+    else:  # unpadded readers only: no border map, and conv outputs need no Sub (only the pooled classifier input)
+        assert calibrated["result"]["offset_relu"]["offset"] > 0
+        assert f"offset-relu unpadded: {calibrated['result']['offset_relu']['offset']} of" in built.result.stderr
+        assert not any(n.name.endswith("_offset_border") for n in nodes)
+        producer = {o: n.op_type for n in nodes for o in n.output}
+        assert all(producer[n.input[0]] == "Flatten" for n in nodes if n.op_type == "Sub")
+
+
 def test_offset_relu_on_the_onnxruntime_profile_is_refused(tmp_path):
     out = tmp_path / "out"
     result = cli("build", MODEL, "--calib", CALIB, "--out", out, "--profile", "onnxruntime", "--offset-relu", "all")

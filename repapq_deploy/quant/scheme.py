@@ -95,6 +95,16 @@ PROFILES: dict[str, Profile] = {
 # folds into their bias exactly); "all": also convs with zero padding, which get a constant border
 # map added to their output (the padded zeros would otherwise read as -128 s)
 OFFSET_RELU_MODES = ("none", "unpadded", "all")
+# what --offset-relu auto (the default) means per profile: ONNX Runtime stores post-ReLU tensors as uint8
+# already; on TensorRT, "unpadded" needs no op beyond the canonical Conv -> Q / DQ -> Conv (session 28,
+# docs/method.md), where "all" adds a border map after every padded reader
+OFFSET_RELU_AUTO = {"tensorrt": "unpadded", "onnxruntime": "none"}
+
+
+def resolve_offset_relu(mode: str, profile: str) -> str:
+    """``--offset-relu`` as a QuantConfig takes it: ``auto`` becomes the profile's choice
+    (:data:`OFFSET_RELU_AUTO`); any other mode is returned as given."""
+    return OFFSET_RELU_AUTO.get(profile, "none") if mode == "auto" else mode
 
 
 @dataclass(frozen=True)
