@@ -339,19 +339,24 @@ def test_offset_relu_graph_shape(offset_exports, mode: str) -> None:
         assert np.all(border[:, :, 1:, 1:] == 0) and np.any(border[:, :, 0] != 0)  # stride 2: top/left pad only
 
 
-def _offset_chain(second_reader: bool) -> onnx.ModelProto:
-    """Conv -> Relu -> Sub(128 s) -> Q(s, int8) -> DQ, optionally with the Relu's output read elsewhere too."""
+def _offset_chain(second_reader: bool, cap: float | None = None, s: float = 0.02) -> onnx.ModelProto:
+    """Conv -> Relu (or Clip(0, cap)) -> Sub(128 s) -> Q(s, int8) -> DQ, optionally with the activation's
+    output read elsewhere too."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
-    s = np.float32(0.02)
+    s = np.float32(s)
     inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w"),
              numpy_helper.from_array(rng.normal(0, 0.5, 4).astype(np.float32), "b"),
              numpy_helper.from_array(np.array(128 * s, np.float32), "shift"),
              numpy_helper.from_array(np.array(s, np.float32), "s"),
-             numpy_helper.from_array(np.array(0, np.int8), "zp")]
+             numpy_helper.from_array(np.array(0, np.int8), "zp"),
+             numpy_helper.from_array(np.array(0, np.float32), "lo"),
+             numpy_helper.from_array(np.array(cap or 0, np.float32), "hi")]
+    act = (helper.make_node("Relu", ["z"], ["r"]) if cap is None
+           else helper.make_node("Clip", ["z", "lo", "hi"], ["r"]))
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["z"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["z"], ["r"]), helper.make_node("Sub", ["r", "shift"], ["rs"]),
+             act, helper.make_node("Sub", ["r", "shift"], ["rs"]),
              helper.make_node("QuantizeLinear", ["rs", "s", "zp"], ["q"]),
              helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])]
     outputs = [helper.make_tensor_value_info("q", TensorProto.INT8, None),
@@ -363,13 +368,19 @@ def _offset_chain(second_reader: bool) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize("second_reader", [False, True])
-def test_offset_relu_is_absorbed_into_the_conv_bias_only_where_exact(ort_session, second_reader: bool) -> None:
+@pytest.mark.parametrize(("second_reader", "cap", "s", "absorbed"), [
+    (False, None, 0.02, True),
+    (True, None, 0.02, False),  # the ReLU's output is needed as it is
+    (False, 6.0, 6 / 255, True),  # a ReLU6 whose cap the grid's top (255 s) lies within
+    (False, 1.0, 0.02, False),  # a ReLU6 that clips inside the grid: its Clip must stay
+])
+def test_offset_relu_is_absorbed_into_the_conv_bias_only_where_exact(ort_session, second_reader, cap, s,
+                                                                    absorbed) -> None:
     import onnx_graphsurgeon as gs
 
     from repapq_deploy.export.onnx import _absorb_offset_relus
 
-    model = _offset_chain(second_reader)
+    model = _offset_chain(second_reader, cap, s)
     graph = gs.import_onnx(model)
     _absorb_offset_relus(graph)
     after = gs.export_onnx(graph.cleanup().toposort())
@@ -377,11 +388,12 @@ def test_offset_relu_is_absorbed_into_the_conv_bias_only_where_exact(ort_session
     x = np.random.default_rng(1).normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
     q0 = ort_session(model).run(["q"], {"x": x})[0]
     q1 = ort_session(after).run(["q"], {"x": x})[0]
-    if second_reader:  # the ReLU's output is needed as it is: nothing changes
+    if not absorbed:
         assert ops == Counter(n.op_type for n in model.graph.node)
-    else:  # Conv(b - 128 s) -> Q: the ReLU is the Q's saturation at -128
+    else:  # Conv(b - 128 s) -> Q: the ReLU is the Q's saturation at -128 (and a ReLU6's cap at 127)
         assert ops == Counter({"Conv": 1, "QuantizeLinear": 1, "DequantizeLinear": 1})
         assert (q0 == -128).any() and (q0 > -128).any()
+        assert cap is None or (q0 == 127).any()  # the cap was reached: the saturation stood in for it
     assert (np.abs(q0.astype(int) - q1.astype(int)) <= 1).all() and (q0 == q1).mean() > 0.99
 
 

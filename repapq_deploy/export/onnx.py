@@ -282,6 +282,16 @@ def _biased_layer(t: gs.Tensor) -> gs.Node | None:
     return node if bias is not None and bias.ndim == 1 else None
 
 
+def _clip_implied_by_offset_grid(clip: gs.Node, scale: float) -> bool:
+    """A ``Clip(lo <= 0, hi)`` (a ReLU6) that the offset int8 grid ``[0, 255 s]`` implies: everything
+    at or below 0 reads -128 either way, and ``hi`` itself already reads 127 (``hi > 254.5 s``: at
+    254.5 exactly, rounding half to even gives 126), so no value above ``hi`` could read anything else."""
+    if clip.op != "Clip" or len(clip.inputs) != 3:
+        return False
+    lo, hi = _constant_value(clip.inputs[1]), _constant_value(clip.inputs[2])
+    return lo is not None and hi is not None and float(lo) <= 0.0 and float(hi) > 254.5 * scale
+
+
 def _absorb_offset_relus(graph: gs.Graph) -> None:
     """``Conv(b) -> Relu -> Sub(128 s) -> Q(s, int8)`` becomes ``Conv(b - 128 s) -> Q(s, int8)``: the
     int8 Q saturates everything below ``-128 s`` to -128, which is where the ReLU sent every negative
@@ -289,7 +299,8 @@ def _absorb_offset_relus(graph: gs.Graph) -> None:
     then sees the plain ``Conv -> Q`` of an int8-output convolution, with no pointwise op of the offset
     in between. Sums between the conv and the ReLU (a border map, a residual shortcut) are linear, so
     the shift goes into the bias of a conv that feeds them. Where the Relu or the Sub has another
-    reader, or no such conv is found, the Sub stays."""
+    reader, or no such conv is found, the Sub stays. A ReLU6's ``Clip`` goes the same way where the
+    grid's top lies within its cap (:func:`_clip_implied_by_offset_grid`); otherwise it stays too."""
     for sub in [n for n in graph.nodes if n.op == "Sub" and len(n.outputs[0].outputs) == 1]:
         q = sub.outputs[0].outputs[0]
         shift = _constant_value(sub.inputs[1])
@@ -301,7 +312,8 @@ def _absorb_offset_relus(graph: gs.Graph) -> None:
             continue
         relu_out = sub.inputs[0]
         relu = relu_out.inputs[0] if len(relu_out.inputs) == 1 else None
-        if relu is None or relu.op != "Relu" or len(relu_out.outputs) != 1 or relu_out in graph.outputs:
+        if (relu is None or len(relu_out.outputs) != 1 or relu_out in graph.outputs
+                or not (relu.op == "Relu" or _clip_implied_by_offset_grid(relu, float(scale.reshape(-1)[0])))):
             continue
         layer = _biased_layer(relu.inputs[0])
         if layer is None:
