@@ -60,7 +60,7 @@ from rich.table import Table
 
 from repapq_deploy.artifacts import atomic_path, model_digest, write_json, write_text
 from repapq_deploy.environment import hardware, versions
-from repapq_deploy.quant.scheme import OFFSET_RELU_MODES
+from repapq_deploy.quant.scheme import OFFSET_RELU_MODES, resolve_offset_relu
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES
 
 SETTINGS = [("W8A8", "onnxruntime", 8, 8), ("W8A8", "tensorrt", 8, 8), ("W6A6", "onnxruntime", 6, 8),
@@ -206,8 +206,10 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where calibration runs")
     ap.add_argument("--add-bits", type=int, choices=[8, 6], default=8,
                     help="grid of the tensors only an Add reads (build --add-bits)")
-    ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none",
-                    help="build --offset-relu for the tensorrt-profile builds (the onnxruntime profile has uint8)")
+    ap.add_argument("--offset-relu", choices=["auto", *OFFSET_RELU_MODES], default="none",
+                    help="build --offset-relu for the tensorrt-profile builds (the onnxruntime profile has uint8). "
+                         "Default none, the build's default until session 28, so that the commands in "
+                         "docs/benchmarks.md repeat; auto (today's build default) is unpadded here")
     ap.add_argument("--equalize", choices=["auto", *EQUALIZE_MODES], default="none",
                     help="build's --equalize; other than none, the rows are named 'METHOD (equalize MODE)' and "
                          "build in their own folder, so --merge adds them beside the plain rows")
@@ -229,6 +231,8 @@ def main() -> None:
     calib, test = ref.ensure_calib_set(args.calib_count, args.seed), ref.ensure_test_set()
     settings = [s for s in SETTINGS if f"{s[0]}:{s[1]}" in args.settings.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
+
+    args.offset_relu = resolve_offset_relu(args.offset_relu, "tensorrt")
 
     def offset_relu(profile: str) -> str:
         return args.offset_relu if profile == "tensorrt" else "none"

@@ -255,7 +255,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gptq", action="store_true", help="reconstruction methods round weights by GPTQ (build's --gptq)")
     ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none",
-                    help="build's --offset-relu for the tensorrt profile (the onnxruntime profile has uint8)")
+                    help="build's --offset-relu for the tensorrt profile (the onnxruntime profile has uint8); "
+                         "default none, as the committed results were run (the build's TensorRT default is "
+                         "unpadded since session 28)")
     ap.add_argument("--work", type=Path, default=None, help="build folders (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/efficientnet_lite0")
     args = ap.parse_args()

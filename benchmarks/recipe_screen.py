@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--equalize", choices=EQUALIZE_MODES, default="none", help="build's --equalize")
     ap.add_argument("--equalize-alpha", type=float, default=0.5,
                     help="migration strength of dense equalization pairs (reparam.equalize)")
-    ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none", help="build's --offset-relu")
+    ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none",
+                    help="build's --offset-relu (whose TensorRT default is unpadded since session 28)")
     ap.add_argument("--calib-count", type=int, default=1024)
     ap.add_argument("--holdout", type=int, default=0, help="evaluate on this many held-out training images")
     ap.add_argument("--seed", type=int, default=0,
