@@ -42,9 +42,10 @@ from repapq_deploy.errors import DeployError
 CONV_GEMM_MARKERS = ("convolution", "gemm", "matrixmultiply", "fullyconnected")
 MYELIN_TYPES = {"myelin"}
 POINTWISE_TYPES = {"activation", "elementwise", "pointwise", "pointwisev2"}
-# --offset-relu's own ops, by the names the export gives them: the Sub of a shifted activation
-# quantizer and the border-map Add after a padded conv (export.onnx._fold_activation_offsets)
-OFFSET_OP = re.compile(r"act_quant_\d+/Sub|_offset_border")
+# --offset-relu's border-map Add after a padded conv, by the name the export gives it
+# (export.onnx._fold_activation_offsets). (The Sub of a shifted quantizer is left only where no conv
+# produces the tensor, e.g. after the pooling, so it has no conv to fuse into.)
+OFFSET_BORDER = re.compile(r"_offset_border")
 MAX_NAMES_IN_NOTE = 5
 
 
@@ -317,7 +318,7 @@ def summarize_layers(info: dict) -> dict:
     Reformat layers (LayerType "Reformat", or "reformat" in the name) are counted apart and not by
     precision: they move data, they do not compute. ``unfused_clips`` lists Clip layers that run as
     their own pointwise layer instead of in a conv epilogue (the INT6 emulation wants them fused);
-    ``unfused_offsets`` does the same for ``--offset-relu``'s Sub before a Q and its border-map Add.
+    ``unfused_offsets`` does the same for ``--offset-relu all``'s border-map Adds.
     Layers given as plain strings (engines built without detailed profiling verbosity) are counted,
     with no precision. ``int8_layer_fraction`` is over layers of known precision (None if none).
     """
@@ -340,7 +341,7 @@ def summarize_layers(info: dict) -> dict:
         standalone = layer_type.lower() in POINTWISE_TYPES if layer_type else " + " not in name
         if "clip" in lowered and standalone:
             unfused_clips.append(name)
-        if standalone and OFFSET_OP.search(name):
+        if standalone and OFFSET_BORDER.search(name):
             unfused_offsets.append(name)
         if precision in ("int8", "fp16", "fp32"):
             counts[precision] += 1
@@ -381,8 +382,8 @@ def engine_info(path: str | Path, summary: dict, notes: list[str] | None = None)
     if summary["unfused_clips"]:
         notes.append(f"Clip layers not fused into their conv: {_names(summary['unfused_clips'])}")
     if summary.get("unfused_offsets"):
-        notes.append("--offset-relu ops not fused into their conv (an extra pass over the tensor each): "
-                     f"{_names(summary['unfused_offsets'])}")
+        notes.append("--offset-relu border maps not fused into their conv (an extra pass over its output "
+                     f"each): {_names(summary['unfused_offsets'])}")
     return EngineInfo("tensorrt", str(path), integer, floating,
                       integer / (integer + floating) if integer + floating else 0.0,
                       summary["layer_types"], notes)
