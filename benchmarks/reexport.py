@@ -37,10 +37,10 @@ def reexport(build: Path, out: Path, x: torch.Tensor) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     export_qdq(qm, x[:8], out / QDQ_ONNX)
     shutil.copy(build / FP32_ONNX, out / FP32_ONNX)
-    check = check_against_torch(qm, out / QDQ_ONNX, x).to_dict()
-    before = check_against_torch(qm, build / QDQ_ONNX, x).to_dict() if (build / QDQ_ONNX).is_file() else None
-    return {"build": str(build), "out": str(out), "check": check, "check_before": before,
-            "ops_before": graph_summary(build / QDQ_ONNX)["ops"] if (build / QDQ_ONNX).is_file() else None,
+    had_qdq = (build / QDQ_ONNX).is_file()  # a build stopped after calibrate has none
+    return {"build": str(build), "out": str(out), "check": check_against_torch(qm, out / QDQ_ONNX, x).to_dict(),
+            "check_before": check_against_torch(qm, build / QDQ_ONNX, x).to_dict() if had_qdq else None,
+            "ops_before": graph_summary(build / QDQ_ONNX)["ops"] if had_qdq else None,
             "ops_after": graph_summary(out / QDQ_ONNX)["ops"]}
 
 

@@ -304,23 +304,24 @@ def _absorb_offset_relus(graph: gs.Graph) -> None:
     for sub in [n for n in graph.nodes if n.op == "Sub" and len(n.outputs[0].outputs) == 1]:
         q = sub.outputs[0].outputs[0]
         shift = _constant_value(sub.inputs[1])
-        scale = _constant_value(q.inputs[1]) if len(q.inputs) > 2 else None
-        zp = _constant_value(q.inputs[2]) if len(q.inputs) > 2 else None
+        scale, zp = (_constant_value(t) for t in q.inputs[1:3]) if len(q.inputs) == 3 else (None, None)
         if (q.op != "QuantizeLinear" or shift is None or scale is None or zp is None or shift.size != 1
-                or scale.size != 1 or zp.dtype != np.int8 or np.any(zp != 0)
-                or np.float32(scale.reshape(-1)[0]) * np.float32(128) != np.float32(shift.reshape(-1)[0])):
+                or scale.size != 1 or zp.dtype != np.int8 or np.any(zp != 0)):
+            continue
+        s, c = np.float32(scale.reshape(-1)[0]), np.float32(shift.reshape(-1)[0])
+        if s * np.float32(128) != c:
             continue
         relu_out = sub.inputs[0]
         relu = relu_out.inputs[0] if len(relu_out.inputs) == 1 else None
         if (relu is None or len(relu_out.outputs) != 1 or relu_out in graph.outputs
-                or not (relu.op == "Relu" or _clip_implied_by_offset_grid(relu, float(scale.reshape(-1)[0])))):
+                or not (relu.op == "Relu" or _clip_implied_by_offset_grid(relu, float(s)))):
             continue
         layer = _biased_layer(relu.inputs[0])
         if layer is None:
             continue
         bias = _constant_value(layer.inputs[2])
         layer.inputs[2] = gs.Constant(f"{layer.name}_relu_offset_bias",
-                                      (bias.astype(np.float64) - float(shift.reshape(-1)[0])).astype(np.float32))
+                                      (bias.astype(np.float64) - float(c)).astype(np.float32))
         q.inputs[0] = relu.inputs[0]
         relu.outputs.clear()
         sub.outputs.clear()
