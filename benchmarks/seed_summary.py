@@ -14,6 +14,12 @@ is another such draw, since its float sums run in yet another order, and is labe
 thread count.
 All runs must measure the same checkpoint: the same FP32 top-1 and, among the runs that record one, the same
 ``model_digest`` (content hash, since session 26) and the same ``model_sha256`` (file hash, sessions 22–25).
+
+A row met twice in the same draw (same seed, thread count and device: two folders that both hold it) is
+counted once, the first folder's, and named on stderr: pooling it twice would weigh that draw double.
+Rows of one setting and profile that share draws are also compared draw by draw (a ``repapq`` default
+row first): the mean paired difference of their drops and its standard error, which is smaller than
+either row's own because a draw's calibration images move both rows alike.
 """
 
 from __future__ import annotations
@@ -52,16 +58,27 @@ def load_runs(dirs: list[Path], arch: str) -> list[dict]:
     return runs
 
 
+def _draw(run: dict) -> tuple:
+    """What makes one run of a row another random draw: its seed, and its thread count or CUDA."""
+    return run["seed"], "cuda" if run["device"] == "cuda" else run["threads"]
+
+
 def summarize(runs: list[dict], targets: dict[str, float]) -> list[dict]:
-    """One entry per row key, with each run's drop and the pooled statistics."""
+    """One entry per row key, with each run's drop and the pooled statistics; a draw seen twice counts once."""
     cells: dict[tuple, list[dict]] = {}
     for run in runs:
         for row in run["rows"]:
-            cells.setdefault(tuple(row[k] for k in KEY), []).append(
-                {"dir": run["dir"], "seed": run["seed"], "threads": run["threads_per_build"],
-                 "device": row.get("device", "cpu"), "drop_pp": round(run["fp32"] - row["top1"], 4),
-                 "agreement": row["agreement"],
-                 "lost": row.get("lost"), "gained": row.get("gained")})
+            got = cells.setdefault(tuple(row[k] for k in KEY), [])
+            entry = {"dir": run["dir"], "seed": run["seed"], "threads": run["threads_per_build"],
+                     "device": row.get("device", "cpu"), "drop_pp": round(run["fp32"] - row["top1"], 4),
+                     "agreement": row["agreement"], "lost": row.get("lost"), "gained": row.get("gained")}
+            first = next((g for g in got if _draw(g) == _draw(entry)), None)
+            if first is not None:
+                print(f"warning: {row['method']} {row['preset']} {row['setting']} {row['profile']}: draw "
+                      f"(seed {entry['seed']}, {_draw(entry)[1]}) is in {first['dir']} and {entry['dir']}; "
+                      f"counted once (drops {first['drop_pp']:+.2f} / {entry['drop_pp']:+.2f})", file=sys.stderr)
+                continue
+            got.append(entry)
     out = []
     for key, got in cells.items():
         drops = [g["drop_pp"] for g in got]
@@ -72,6 +89,32 @@ def summarize(runs: list[dict], targets: dict[str, float]) -> list[dict]:
                     "sd_pp": sd, "sem_pp": sd / len(drops) ** 0.5 if sd is not None else None,
                     "mean_agreement": statistics.fmean(g["agreement"] for g in got),
                     "target_pp": target, "meets_target": None if target is None else mean <= target})
+    return out
+
+
+def paired(cells: list[dict]) -> list[dict]:
+    """Draw-by-draw differences (second row's drop minus the first's) between rows of one setting and
+    profile that share at least two draws; a ``repapq`` default row is always the first of a pair."""
+    def rank(c: dict) -> int:
+        return 0 if c["method"].startswith("repapq") and c["preset"] == "default" else 1
+
+    out = []
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["setting"], c["profile"]), []).append(c)
+    for group in groups.values():
+        group = sorted(group, key=rank)  # stable: the input order otherwise
+        for i, a in enumerate(group):
+            for b in group[i + 1:]:
+                da = {_draw(r): r["drop_pp"] for r in a["runs"]}
+                diffs = [r["drop_pp"] - da[_draw(r)] for r in b["runs"] if _draw(r) in da]
+                if len(diffs) < 2:
+                    continue
+                sd = statistics.stdev(diffs)
+                out.append({"setting": a["setting"], "profile": a["profile"],
+                            "first": {k: a[k] for k in ("method", "preset")},
+                            "second": {k: b[k] for k in ("method", "preset")}, "n": len(diffs),
+                            "mean_diff_pp": statistics.fmean(diffs), "sem_pp": sd / len(diffs) ** 0.5})
     return out
 
 
@@ -103,9 +146,21 @@ def main() -> None:
         verdict = "-" if c["target_pp"] is None else f"≤ {c['target_pp']}: {'yes' if c['meets_target'] else 'no'}"
         table.add_row(c["method"], c["preset"], c["setting"], c["profile"], drops, f"{c['mean_drop_pp']:+.3f}",
                       _num(c["sd_pp"]), _num(c["sem_pp"]), f"{c['mean_agreement']:.2f}", verdict)
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    pairs = paired(cells)
+    if pairs:
+        ptable = Table(title="paired by draw: second row's drop minus the first's (pp)")
+        for col in ("setting", "profile", "first", "second", "draws", "mean difference", "s.e."):
+            ptable.add_column(col, justify="right")
+        for p in pairs:
+            ptable.add_row(p["setting"], p["profile"], f"{p['first']['method']} {p['first']['preset']}",
+                           f"{p['second']['method']} {p['second']['preset']}", str(p["n"]),
+                           f"{p['mean_diff_pp']:+.3f}", f"{p['sem_pp']:.3f}")
+        console.print(ptable)
     if args.out:
-        write_json(args.out, {"arch": args.arch, "fp32": runs[0]["fp32"], "targets": targets, "cells": cells})
+        write_json(args.out, {"arch": args.arch, "fp32": runs[0]["fp32"], "targets": targets, "cells": cells,
+                              "paired": pairs})
 
 
 if __name__ == "__main__":

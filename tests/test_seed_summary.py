@@ -11,7 +11,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
-from seed_summary import load_runs, summarize  # noqa: E402
+from seed_summary import load_runs, paired, summarize  # noqa: E402
 
 SEEDS = BENCH / "results" / "calibration_seeds"
 TARGETS = {"default/W8A8": 0.03, "default/W6A6": 0.15}
@@ -68,3 +68,35 @@ def test_a_cuda_run_pools_with_the_cpu_runs_of_the_same_weights() -> None:
     assert [r["device"] for r in cell["runs"]] == ["cpu", "cuda"]
     fp32 = json.loads((cuda / "repvgg_a0.json").read_text())["fp32"]
     assert cell["runs"][1]["drop_pp"] == pytest.approx(fp32 - 92.99, abs=1e-6)
+
+
+def test_a_draw_in_two_folders_counts_once(capsys: pytest.CaptureFixture[str]) -> None:
+    # session 15's seed-0 run holds a one-thread fast W6A6 build; session 29 built the same draw again
+    dirs = [SEEDS / "amd_eqall_seed0", SEEDS / "amd_repvgg_w6trt_fast_t1_seed0",
+            SEEDS / "amd_repvgg_w6trt_fast_t1_seed1"]
+    cells = {(c["method"], c["preset"], c["setting"], c["profile"]): c
+             for c in summarize(load_runs(dirs, "repvgg_a0"), TARGETS)}
+    cell = cells[("repapq (equalize all)", "fast", "W6A6", "tensorrt")]
+    assert [(r["seed"], r["dir"]) for r in cell["runs"]] == [(0, str(dirs[0])), (1, str(dirs[2]))]
+    assert "counted once" in capsys.readouterr().err
+
+
+def test_paired_differences_match_the_rows() -> None:
+    # the ten CPU draws of session 27 that both RepAPQ and BRECQ have on mobileone_s0 W6A6 ONNX Runtime
+    dirs = ([SEEDS / f"amd_mobileone_{t}seed{n}" for t in ("", "t2_") for n in range(3)]
+            + [SEEDS / f"amd_mobileone_{k}_t2_seed{n}" for k in ("brecq", "w6ort") for n in range(3, 7)])
+    cells = summarize(load_runs(dirs, "mobileone_s0"), TARGETS)
+    pairs = {(p["setting"], p["profile"], p["second"]["method"]): p for p in paired(cells)}
+    p = pairs[("W6A6", "onnxruntime", "brecq (equalize all)")]
+    assert p["first"] == {"method": "repapq (equalize all)", "preset": "default"} and p["n"] == 10
+    by_key = {(c["method"], c["preset"], c["setting"], c["profile"]): c for c in cells}
+    a = {(r["seed"], r["threads"]): r["drop_pp"]
+         for r in by_key[("repapq (equalize all)", "default", "W6A6", "onnxruntime")]["runs"]}
+    diffs = [r["drop_pp"] - a[(r["seed"], r["threads"])]
+             for r in by_key[("brecq (equalize all)", "default", "W6A6", "onnxruntime")]["runs"]]
+    assert p["mean_diff_pp"] == pytest.approx(statistics.fmean(diffs))
+    assert p["sem_pp"] == pytest.approx(statistics.stdev(diffs) / 10 ** 0.5)
+    # the session-27 figure quoted in docs/benchmarks.md
+    assert round(p["mean_diff_pp"], 3) == 0.039 and round(p["sem_pp"], 3) == 0.027
+    # W8A8 rows of one method only: nothing to pair
+    assert not any(q["setting"] == "W8A8" for q in pairs.values())
