@@ -18,8 +18,8 @@ All runs must measure the same checkpoint: the same FP32 top-1 and, among the ru
 A row met twice in the same draw (same seed, thread count and device: two folders that both hold it) is
 counted once, the first folder's, and named on stderr: pooling it twice would weigh that draw double.
 Rows of one setting and profile that share draws are also compared draw by draw (a ``repapq`` default
-row first): the mean paired difference of their drops and its standard error, which is smaller than
-either row's own because a draw's calibration images move both rows alike.
+row first): the mean paired difference of their drops and its standard error, usually smaller than
+the two rows' own because a draw's calibration images tend to move both rows alike.
 """
 
 from __future__ import annotations
