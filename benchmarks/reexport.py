@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from repapq_deploy.export.onnx import check_against_torch, export_qdq, graph_summary
-from repapq_deploy.pipeline import FP32_ONNX, FUSED, QDQ_ONNX, QSTATE, load_calibrated
+from repapq_deploy.pipeline import FP32_ONNX, FUSED, QDQ_ONNX, QSTATE, load_calibrated, load_fused
 
 
 def reexport(build: Path, out: Path, x: torch.Tensor) -> dict:
@@ -32,8 +32,7 @@ def reexport(build: Path, out: Path, x: torch.Tensor) -> dict:
     for name in (FUSED, QSTATE, FP32_ONNX):
         if not (build / name).is_file():
             raise SystemExit(f"{build}: no {name}; pass a build folder of repapq-deploy build")
-    fused = torch.load(build / FUSED, weights_only=False).eval()  # our own artifact
-    qm = load_calibrated(fused, build / QSTATE)
+    qm = load_calibrated(load_fused(build / FUSED), build / QSTATE)
     out.mkdir(parents=True, exist_ok=True)
     export_qdq(qm, x[:8], out / QDQ_ONNX)
     shutil.copy(build / FP32_ONNX, out / FP32_ONNX)

@@ -121,6 +121,12 @@ class BuildOptions:
         return asdict(self)
 
 
+def load_fused(path: Path) -> torch.nn.Module:
+    """The fused FP32 model a reparam stage saved (``fused.pt``), on the CPU, in eval mode. Only for this
+    tool's own artifact: it is a pickled module."""
+    return torch.load(path, map_location="cpu", weights_only=False).eval()
+
+
 def load_calibrated(fused: torch.nn.Module, qstate: Path) -> QuantizedModel:
     """The fake-quant model a calibrate stage left in ``qstate`` (``qstate.pt``), on ``fused``."""
     state = torch.load(qstate, map_location="cpu", weights_only=True)
@@ -298,7 +304,7 @@ class Build:
     def fused(self) -> torch.nn.Module:
         if self._fused is None:
             # Our own artifact, whose hash the manifest just verified: safe to unpickle.
-            self._fused = torch.load(self.out / FUSED, map_location="cpu", weights_only=False).eval()
+            self._fused = load_fused(self.out / FUSED)
         return self._fused
 
     def calibrate(self) -> dict:

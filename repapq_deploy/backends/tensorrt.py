@@ -36,16 +36,13 @@ import torch
 from repapq_deploy.artifacts import atomic_path, sha256_file
 from repapq_deploy.backends.base import Backend, EngineInfo, Runner
 from repapq_deploy.errors import DeployError
+from repapq_deploy.export.onnx import OFFSET_BORDER_SUFFIX
 
 # Engine-inspector layer types that are convolutions or matrix products (the "ops" of int8_op_fraction).
 # Myelin layers are fused subgraphs TensorRT 10 uses for gemm/matmul regions.
 CONV_GEMM_MARKERS = ("convolution", "gemm", "matrixmultiply", "fullyconnected")
 MYELIN_TYPES = {"myelin"}
 POINTWISE_TYPES = {"activation", "elementwise", "pointwise", "pointwisev2"}
-# --offset-relu's border-map Add after a padded conv, by the name the export gives it
-# (export.onnx._fold_activation_offsets). (The Sub of a shifted quantizer is left only where no conv
-# produces the tensor, e.g. after the pooling, so it has no conv to fuse into.)
-OFFSET_BORDER = re.compile(r"_offset_border")
 MAX_NAMES_IN_NOTE = 5
 
 
@@ -341,7 +338,9 @@ def summarize_layers(info: dict) -> dict:
         standalone = layer_type.lower() in POINTWISE_TYPES if layer_type else " + " not in name
         if "clip" in lowered and standalone:
             unfused_clips.append(name)
-        if standalone and OFFSET_BORDER.search(name):
+        # a border map left as its own layer (a Sub of a shifted quantizer stays only where no conv
+        # produces the tensor, e.g. after the pooling, so it has no conv to fuse into)
+        if standalone and OFFSET_BORDER_SUFFIX in name:
             unfused_offsets.append(name)
         if precision in ("int8", "fp16", "fp32"):
             counts[precision] += 1

@@ -223,6 +223,10 @@ def _offset_terms(layer: gs.Node, t: gs.Tensor, shift: float) -> tuple[np.ndarra
     return interior, -border
 
 
+# the name suffix of --offset-relu all's border-map Add, by which an engine's layer names show it
+OFFSET_BORDER_SUFFIX = "_offset_border"
+
+
 def _fold_activation_offsets(graph: gs.Graph) -> None:
     """``Sub(x, c) -> Q -> DQ -> Add(c) -> Conv/Gemm`` (an offset 8-bit grid, IntFormat.offset) becomes
     ``Sub(x, c) -> Q -> DQ -> Conv/Gemm`` with ``c * sum(W)`` added to the bias, plus, for a conv with
@@ -257,8 +261,9 @@ def _fold_activation_offsets(graph: gs.Graph) -> None:
                 y = layer.outputs[0]
                 pre = gs.Variable(f"{y.name}_before_border", dtype=y.dtype, shape=y.shape)
                 layer.outputs[0] = pre
-                graph.layer(op="Add", name=f"{layer.name}_offset_border",
-                            inputs=[pre, gs.Constant(f"{layer.name}_offset_border_map", border.astype(np.float32))],
+                graph.layer(op="Add", name=f"{layer.name}{OFFSET_BORDER_SUFFIX}",
+                            inputs=[pre, gs.Constant(f"{layer.name}{OFFSET_BORDER_SUFFIX}_map",
+                                                     border.astype(np.float32))],
                             outputs=[y])
         add.outputs.clear()
 
