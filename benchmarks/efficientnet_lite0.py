@@ -3,6 +3,7 @@
     python benchmarks/efficientnet_lite0.py [--methods percentile,minmax] [--profiles onnxruntime,tensorrt]
         [--preset fast] [--append] [--head flatten|view] [--model-format pt2|pickle] [--tag NAME]
         [--calib-format npz|folder] [--calib-count 64] [--bench-seconds 1] [--gptq] [--offset-relu MODE] [--work DIR]
+        [--folds K] [--fold-views 4] [--heldout-crops N]
         [--out benchmarks/results/efficientnet_lite0]
 
 The results in ``benchmarks/results/efficientnet_lite0/`` came from
@@ -30,6 +31,10 @@ photos: ``skimage.data``) and ``foolbox`` (20 labelled ImageNet validation image
    (class sub-folders cannot express ImageNet ids for 20 images).
 3. Runs ``repapq_deploy.pipeline.Build`` for every profile x method at W8A8 (backend ONNX Runtime:
    the ``tensorrt`` profile is executed by ORT's reference mode) and collects the report figures.
+   With ``--folds K`` every configuration is built K times: build i is evaluated on every K-th foolbox
+   photo (starting at i) and calibrated on the scikit-image samples plus ``--fold-views`` views of each
+   foolbox photo it is not evaluated on, so the calibration data holds ImageNet photos and no image is
+   both calibrated and evaluated on. Accuracy is pooled over the folds (each photo evaluated once).
 4. Target (issue): top-1 agreement with FP32 = 100 % on the 20 images and mean logit cosine >= 0.99.
 
 Prints a table and writes ``efficientnet_lite0.json`` (and each build's ``report.json`` under
@@ -47,6 +52,7 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +65,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from repapq_deploy.artifacts import write_json  # noqa: E402
+from repapq_deploy.backends.onnxruntime import OrtRunner  # noqa: E402
 from repapq_deploy.environment import hardware  # noqa: E402
 from repapq_deploy.errors import DeployError  # noqa: E402
 from repapq_deploy.load import load_model  # noqa: E402
-from repapq_deploy.pipeline import Build, BuildOptions  # noqa: E402
+from repapq_deploy.pipeline import FP32_ONNX, QDQ_ONNX, Build, BuildOptions  # noqa: E402
 from repapq_deploy.quant.scheme import OFFSET_RELU_MODES  # noqa: E402
+from repapq_deploy.verify.report import accuracy_metrics  # noqa: E402
 
 SIZE, RESIZE = 224, 256
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
@@ -139,15 +147,20 @@ def normalise(images: list[np.ndarray], mean, std) -> np.ndarray:
             / np.asarray(std, np.float32)[None, :, None, None]).astype(np.float32)
 
 
-def foolbox_images() -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+def foolbox_photos() -> tuple[list[Image.Image], np.ndarray, list[str]]:
+    """The 20 labelled foolbox ImageNet photos (as stored, not cropped), their labels and file names."""
     import foolbox
 
     files = sorted(glob.glob(os.path.join(os.path.dirname(foolbox.__file__), "data", "imagenet_*.jpg")))
     if len(files) != 20:
         raise SystemExit(f"expected 20 foolbox ImageNet images, found {len(files)}")
     labels = np.array([int(Path(f).stem.split("_")[-1]) for f in files], np.int64)
-    images = [np.asarray(resize_crop(Image.open(f).convert("RGB"))) for f in files]
-    return images, labels, [Path(f).name for f in files]
+    return [Image.open(f).convert("RGB") for f in files], labels, [Path(f).name for f in files]
+
+
+def foolbox_images() -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    photos, labels, files = foolbox_photos()
+    return [np.asarray(resize_crop(im)) for im in photos], labels, files
 
 
 def skimage_photos() -> dict[str, Image.Image]:
@@ -164,10 +177,12 @@ def skimage_photos() -> dict[str, Image.Image]:
     return photos
 
 
-def calibration_images(count: int, seed: int) -> list[tuple[str, Image.Image]]:
-    """Centre crop and mirror of every photo, then random crops (scale 0.35-1 of the short side)."""
+def calibration_images(count: int, seed: int,
+                       photos: dict[str, Image.Image] | None = None) -> list[tuple[str, Image.Image]]:
+    """Centre crop and mirror of every photo (default: the scikit-image ones), then random crops
+    (scale 0.35-1 of the short side) until there are ``count``."""
     rng = np.random.default_rng(seed)
-    photos = skimage_photos()
+    photos = skimage_photos() if photos is None else photos
     out = []
     for name, im in photos.items():
         c = resize_crop(im)
@@ -221,7 +236,21 @@ def summarise(report: dict, seconds: float) -> dict:
     }
 
 
-def run_one(name: str, opts: BuildOptions, reports_dir: Path) -> dict:
+def graph_agreement(build: Path, profile: str, sets: dict[str, np.ndarray]) -> dict:
+    """Logit cosine and top-1 agreement of a build's QDQ graph against its FP32 graph on each image set,
+    both run by ONNX Runtime (the QDQ graph as the build's engine runs it: optimized into the INT8 kernels
+    on the onnxruntime profile, as written on the tensorrt profile)."""
+    out = {}
+    with OrtRunner(build / FP32_ONNX) as fp32, OrtRunner(build / QDQ_ONNX, optimize=profile == "onnxruntime") as qdq:
+        for key, x in sets.items():
+            f = np.concatenate([fp32.infer(x[i:i + 16]) for i in range(0, len(x), 16)])
+            q = np.concatenate([qdq.infer(x[i:i + 16]) for i in range(0, len(x), 16)])
+            m = accuracy_metrics(f, q, q, None)
+            out[key] = {k: m[k] for k in ("samples", "agreement_top1", "cosine", "cosine_min")}
+    return out
+
+
+def run_one(name: str, opts: BuildOptions, reports_dir: Path, extra_sets: dict[str, np.ndarray]) -> dict:
     t0 = time.perf_counter()
     try:
         report = Build(opts).run()
@@ -230,7 +259,60 @@ def run_one(name: str, opts: BuildOptions, reports_dir: Path) -> dict:
                 "traceback": traceback.format_exc(limit=8), "build_seconds": time.perf_counter() - t0}
     reports_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(opts.out) / "report.json", reports_dir / f"{name}.json")
-    return {"name": name, **summarise(report, time.perf_counter() - t0)}
+    row = {"name": name, **summarise(report, time.perf_counter() - t0)}
+    if extra_sets:
+        sets = {"calibration": np.load(opts.calib)["x"], **extra_sets}
+        row["agreement_on"] = graph_agreement(Path(opts.out), opts.profile, sets)
+    return row
+
+
+def fold_sets(folds: int, views: int, seed: int, skimage_x: np.ndarray, work: Path) -> list[dict]:
+    """Split the 20 foolbox photos into ``folds`` interleaved folds. Fold i evaluates on its own photos
+    and calibrates on the scikit-image samples plus ``views`` views (centre crop, mirror, random crops)
+    of every foolbox photo outside it: ImageNet-like calibration images, none of them evaluated."""
+    photos, labels, files = foolbox_photos()
+    out = []
+    for i in range(folds):
+        held = [j for j in range(len(files)) if j % folds == i]
+        train = {files[j]: photos[j] for j in range(len(files)) if j % folds != i}
+        extra = calibration_images(views * len(train), seed + 1 + i, train)
+        calib = np.concatenate([skimage_x, normalise([np.asarray(im) for _, im in extra], LITE_MEAN, LITE_STD)])
+        x = normalise([np.asarray(resize_crop(photos[j])) for j in held], LITE_MEAN, LITE_STD)
+        calib_path, eval_path = work / f"calib_fold{i}.npz", work / f"eval_fold{i}.npz"
+        np.savez(calib_path, x=calib)
+        np.savez(eval_path, x=x, y=labels[held])
+        out.append({"fold": i, "eval_files": [files[j] for j in held], "calib": calib_path, "eval": eval_path,
+                    "calib_samples": len(calib)})
+    return out
+
+
+def pool_folds(name: str, rows: list[dict]) -> dict:
+    """One row for a configuration run fold by fold: accuracy pooled over every evaluated image (each
+    image is evaluated in exactly one fold), graph and latency figures from fold 0."""
+    if any("error" in r for r in rows):
+        return {"name": name, "error": "; ".join(r["error"] for r in rows if "error" in r), "folds": rows}
+    n = [r["samples"] for r in rows]
+
+    def mean(key: str) -> float:
+        return sum(r[key] * m for r, m in zip(rows, n, strict=True)) / sum(n)
+
+    pooled = {**rows[0], "name": name, "samples": sum(n), "folds": rows,
+              "build_seconds": sum(r["build_seconds"] for r in rows),
+              "cosine_min": min(r["cosine_min"] for r in rows),
+              "int8_op_fraction": min(r["int8_op_fraction"] for r in rows)}
+    for key in ("fp32_top1", "fake_quant_top1", "fake_quant_agreement_top1", "engine_top1", "agreement_top1",
+                "cosine"):
+        pooled[key] = mean(key)
+    pooled["target_met"] = pooled["agreement_top1"] >= TARGET_AGREEMENT and pooled["cosine"] >= TARGET_COSINE
+    if "agreement_on" in rows[0]:
+        pooled["agreement_on"] = {}
+        for key in rows[0]["agreement_on"]:
+            sets = [r["agreement_on"][key] for r in rows]
+            total = sum(a["samples"] for a in sets)
+            pooled["agreement_on"][key] = {
+                "samples": total, "cosine_min": min(a["cosine_min"] for a in sets),
+                **{k: sum(a[k] * a["samples"] for a in sets) / total for k in ("agreement_top1", "cosine")}}
+    return pooled
 
 
 def main() -> None:
@@ -258,9 +340,18 @@ def main() -> None:
                     help="build's --offset-relu for the tensorrt profile (the onnxruntime profile has uint8); "
                          "default none, as the committed results were run (the build's TensorRT default is "
                          "unpadded since session 28)")
+    ap.add_argument("--folds", type=int, default=0,
+                    help="K >= 2: calibrate with views of the foolbox photos outside each of K folds added "
+                         "(ImageNet-like calibration data) and evaluate on the fold; results pooled over folds")
+    ap.add_argument("--fold-views", type=int, default=4, help="calibration views per foolbox photo (--folds)")
+    ap.add_argument("--heldout-crops", type=int, default=0,
+                    help="N > 0: also compare each build's QDQ graph with its FP32 graph on its calibration "
+                         "images and on N unseen random crops of the scikit-image photos (agreement_on)")
     ap.add_argument("--work", type=Path, default=None, help="build folders (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/efficientnet_lite0")
     args = ap.parse_args()
+    if args.folds == 1 or args.folds < 0 or args.folds > 20:
+        ap.error(f"--folds {args.folds}: use 0 (no folds) or 2-20")
     console = Console(width=240)
 
     work_ctx = tempfile.TemporaryDirectory(prefix="effl0_") if args.work is None else None
@@ -294,6 +385,20 @@ def main() -> None:
         for name, im in calib:
             im.save(calib_path / f"{name}.png")
 
+    extra_sets = {}
+    if args.heldout_crops:
+        if args.calib_format != "npz":
+            ap.error("--heldout-crops compares on the npz calibration set; drop --calib-format folder")
+        # another seed's random crops; its first samples are the same centre crops and mirrors, left out
+        crops = calibration_images(2 * len(skimage_photos()) + args.heldout_crops, args.seed + 1000)
+        extra_sets["heldout_crops"] = normalise([np.asarray(im) for _, im in crops[2 * len(skimage_photos()):]],
+                                                LITE_MEAN, LITE_STD)
+    folds = []
+    if args.folds:
+        if args.calib_format != "npz":
+            ap.error("--folds writes its calibration sets as npz; drop --calib-format folder")
+        folds = fold_sets(args.folds, args.fold_views, args.seed, np.load(calib_path)["x"], work)
+
     args.out.mkdir(parents=True, exist_ok=True)
     out_json = args.out / f"efficientnet_lite0{'_' + args.tag if args.tag else ''}.json"
     result = {
@@ -307,6 +412,8 @@ def main() -> None:
                  "fp32_predictions": logits.argmax(1).tolist()},
         "calibration": {"source": "skimage.data", "format": args.calib_format, "samples": len(calib),
                         "photos": list(COLOUR_PHOTOS + GREY_PHOTOS)},
+        "folds": [{k: str(v) if isinstance(v, Path) else v for k, v in f.items() if k not in ("calib", "eval")}
+                  for f in folds],
         "target": {"agreement_top1": TARGET_AGREEMENT, "cosine": TARGET_COSINE},
         "command": [" ".join(["python", "benchmarks/efficientnet_lite0.py", *sys.argv[1:]])],
         "hardware": hardware(),
@@ -325,6 +432,7 @@ def main() -> None:
         name += "_gptq" if args.gptq and method in RECONSTRUCTION else ""
         offset = args.offset_relu if profile == "tensorrt" else "none"
         name += f"_offset{offset}" if offset != "none" else ""
+        name += f"_folds{args.folds}" if folds else ""
         name += f"_{args.tag}" if args.tag else ""
         console.print(f"[bold]== {name}[/bold]")
         opts = BuildOptions(
@@ -335,7 +443,17 @@ def main() -> None:
             # npz is taken as preprocessed; the PNG folder holds 224x224 crops already, so resize to 224
             resize=SIZE if args.calib_format == "folder" else None, bench_seconds=args.bench_seconds,
             gptq=True if args.gptq and method in RECONSTRUCTION else None, offset_relu=offset)
-        row = run_one(name, opts, args.out / "reports")
+        if folds:
+            rows = []
+            for f in folds:
+                console.print(f"  fold {f['fold']}: {f['calib_samples']} calibration samples, "
+                              f"evaluated on {len(f['eval_files'])} photos")
+                rows.append(run_one(f"{name}_{f['fold']}", replace(
+                    opts, calib=str(f["calib"]), calib_count=f["calib_samples"], eval=str(f["eval"]),
+                    out=str(work / f"{name}_{f['fold']}")), args.out / "reports", extra_sets))
+            row = pool_folds(name, rows)
+        else:
+            row = run_one(name, opts, args.out / "reports", extra_sets)
         row.update(profile=profile, method=method, preset=preset)
         if "error" in row:
             console.print(f"[red]{name} failed: {row['error']}[/red]")
@@ -343,7 +461,10 @@ def main() -> None:
         write_json(out_json, result)  # after every run
 
     table = Table(title=f"EfficientNet-Lite0 W{args.bits}A{args.bits}, 20 foolbox ImageNet images "
-                        f"(calib: {len(calib)} skimage samples; FP32 top-1 of the original model {top1_lite:.0f} %)")
+                        f"(calib: {len(calib)} skimage samples"
+                        + (f" + {args.fold_views} views per foolbox photo outside the {args.folds} folds'"
+                           f" own" if folds else "")
+                        + f"; FP32 top-1 of the original model {top1_lite:.0f} %)")
     for col in ("config", "backend", "FP32 top-1", "engine top-1", "agree %", "cosine", "cos min", "int8 ops",
                 "BN folded", "export agree", "lint", "FP32 ms bs1/32", "engine ms bs1/32", "target"):
         table.add_column(col, no_wrap=col == "config")
@@ -362,6 +483,16 @@ def main() -> None:
             f"{lat['engine']['bs1']:.1f} / {lat['engine']['bs32']:.0f}",
             "[green]met[/green]" if r["target_met"] else "[red]not met[/red]")
     console.print(table)
+    compared = [r for r in result["runs"] if "agreement_on" in r]
+    if compared:
+        table = Table(title="QDQ graph against FP32 graph on other image sets (ONNX Runtime)")
+        for col in ("config", "images", "samples", "agree %", "cosine", "cos min"):
+            table.add_column(col, no_wrap=col == "config")
+        for r in compared:
+            for key, a in r["agreement_on"].items():
+                table.add_row(r["name"], key, str(a["samples"]), f"{a['agreement_top1']:.1f}",
+                              f"{a['cosine']:.4f}", f"{a['cosine_min']:.4f}")
+        console.print(table)
     console.print(f"wrote {out_json}")
     if work_ctx:
         work_ctx.cleanup()
