@@ -323,8 +323,9 @@ class Build:
         result = self._stage("calibrate", inputs, options, [QSTATE], self._run_calibrate)
         if o.method in RECONSTRUCTION and result["images"] < FEW_RECONSTRUCTION_IMAGES:
             self.warnings.append(f"--method {o.method} trained on only {result['images']} calibration images and "
-                                 f"can over-fit them (EfficientNet-Lite0 with 64: worse than percentile); "
-                                 f"use {FEW_RECONSTRUCTION_IMAGES}+ images or compare with --method percentile")
+                                 f"can over-fit them (EfficientNet-Lite0 on crops of 16-26 photos: worse than "
+                                 f"percentile); use {FEW_RECONSTRUCTION_IMAGES}+ distinct images, not crops of a "
+                                 f"few, or compare with --method percentile")
         return result
 
     def _recon_overrides(self) -> dict:
