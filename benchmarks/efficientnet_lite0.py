@@ -3,7 +3,7 @@
     python benchmarks/efficientnet_lite0.py [--methods percentile,minmax] [--profiles onnxruntime,tensorrt]
         [--preset fast] [--append] [--head flatten|view] [--model-format pt2|pickle] [--tag NAME]
         [--calib-format npz|folder] [--calib-count 64] [--bench-seconds 1] [--gptq] [--offset-relu MODE] [--work DIR]
-        [--folds K] [--fold-views 4] [--heldout-crops N]
+        [--folds K] [--fold-views 4] [--heldout-crops N] [--recipe JSON]
         [--out benchmarks/results/efficientnet_lite0]
 
 The results in ``benchmarks/results/efficientnet_lite0/`` came from
@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 from repapq_deploy.artifacts import write_json  # noqa: E402
 from repapq_deploy.backends.onnxruntime import OrtRunner  # noqa: E402
+from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION as RECONSTRUCTION_SETTINGS  # noqa: E402
 from repapq_deploy.environment import hardware  # noqa: E402
 from repapq_deploy.errors import DeployError  # noqa: E402
 from repapq_deploy.load import load_model  # noqa: E402
@@ -80,7 +81,7 @@ COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field"
                  "retina", "motorcycle_left", "motorcycle_right")
 GREY_PHOTOS = ("camera", "coins", "moon", "clock", "brick", "grass", "gravel")
 TARGET_AGREEMENT, TARGET_COSINE = 100.0, 0.99
-RECONSTRUCTION = ("repapq", "brecq")
+RECONSTRUCTION = ("repapq", "brecq", "repapq-variant")
 
 
 # --- model ------------------------------------------------------------------------------------------------
@@ -344,6 +345,9 @@ def main() -> None:
                     help="K >= 2: calibrate with views of the foolbox photos outside each of K folds added "
                          "(ImageNet-like calibration data) and evaluate on the fold; results pooled over folds")
     ap.add_argument("--fold-views", type=int, default=4, help="calibration views per foolbox photo (--folds)")
+    ap.add_argument("--recipe", type=json.loads, default=None,
+                    help='JSON overrides of repapq\'s ReconSettings, run as method "repapq-variant", e.g. '
+                         '\'{"affine": false, "lr_weight": 0}\'')
     ap.add_argument("--heldout-crops", type=int, default=0,
                     help="N > 0: also compare each build's QDQ graph with its FP32 graph on its calibration "
                          "images and on N unseen random crops of the scikit-image photos (agreement_on)")
@@ -385,6 +389,9 @@ def main() -> None:
         for name, im in calib:
             im.save(calib_path / f"{name}.png")
 
+    if args.recipe is not None:
+        RECONSTRUCTION_SETTINGS["repapq-variant"] = replace(RECONSTRUCTION_SETTINGS["repapq"],
+                                                            name="repapq-variant", **args.recipe)
     extra_sets = {}
     if args.heldout_crops:
         if args.calib_format != "npz":
