@@ -356,6 +356,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.folds == 1 or args.folds < 0 or args.folds > 20:
         ap.error(f"--folds {args.folds}: use 0 (no folds) or 2-20")
+    if ("repapq-variant" in args.methods.split(",")) != (args.recipe is not None):
+        ap.error("--recipe defines the method repapq-variant: give both or neither")
+    if args.recipe is not None:
+        try:
+            RECONSTRUCTION_SETTINGS["repapq-variant"] = replace(RECONSTRUCTION_SETTINGS["repapq"],
+                                                                name="repapq-variant", **args.recipe)
+        except TypeError as exc:
+            ap.error(f"--recipe: {exc}; use fields of ReconSettings (repapq_deploy/calibrate/reconstruct.py)")
     console = Console(width=240)
 
     work_ctx = tempfile.TemporaryDirectory(prefix="effl0_") if args.work is None else None
@@ -389,9 +397,6 @@ def main() -> None:
         for name, im in calib:
             im.save(calib_path / f"{name}.png")
 
-    if args.recipe is not None:
-        RECONSTRUCTION_SETTINGS["repapq-variant"] = replace(RECONSTRUCTION_SETTINGS["repapq"],
-                                                            name="repapq-variant", **args.recipe)
     extra_sets = {}
     if args.heldout_crops:
         if args.calib_format != "npz":
@@ -421,6 +426,7 @@ def main() -> None:
                         "photos": list(COLOUR_PHOTOS + GREY_PHOTOS)},
         "folds": [{k: str(v) if isinstance(v, Path) else v for k, v in f.items() if k not in ("calib", "eval")}
                   for f in folds],
+        "recipe": args.recipe,
         "target": {"agreement_top1": TARGET_AGREEMENT, "cosine": TARGET_COSINE},
         "command": [" ".join(["python", "benchmarks/efficientnet_lite0.py", *sys.argv[1:]])],
         "hardware": hardware(),
