@@ -72,7 +72,7 @@ from repapq_deploy.errors import DeployError  # noqa: E402
 from repapq_deploy.load import load_model  # noqa: E402
 from repapq_deploy.pipeline import FP32_ONNX, QDQ_ONNX, Build, BuildOptions  # noqa: E402
 from repapq_deploy.quant.scheme import OFFSET_RELU_MODES  # noqa: E402
-from repapq_deploy.verify.report import accuracy_metrics  # noqa: E402
+from repapq_deploy.verify.report import accuracy_metrics, predict  # noqa: E402
 
 SIZE, RESIZE = 224, 256
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
@@ -244,8 +244,8 @@ def graph_agreement(build: Path, profile: str, sets: dict[str, np.ndarray]) -> d
     out = {}
     with OrtRunner(build / FP32_ONNX) as fp32, OrtRunner(build / QDQ_ONNX, optimize=profile == "onnxruntime") as qdq:
         for key, x in sets.items():
-            f = np.concatenate([fp32.infer(x[i:i + 16]) for i in range(0, len(x), 16)])
-            q = np.concatenate([qdq.infer(x[i:i + 16]) for i in range(0, len(x), 16)])
+            f = predict(fp32.infer, torch.from_numpy(x), f"FP32 on {key}", batch_size=16)
+            q = predict(qdq.infer, torch.from_numpy(x), f"QDQ on {key}", batch_size=16)
             m = accuracy_metrics(f, q, q, None)
             out[key] = {k: m[k] for k in ("samples", "agreement_top1", "cosine", "cosine_min")}
     return out
@@ -402,9 +402,9 @@ def main() -> None:
         if args.calib_format != "npz":
             ap.error("--heldout-crops compares on the npz calibration set; drop --calib-format folder")
         # another seed's random crops; its first samples are the same centre crops and mirrors, left out
-        crops = calibration_images(2 * len(skimage_photos()) + args.heldout_crops, args.seed + 1000)
-        extra_sets["heldout_crops"] = normalise([np.asarray(im) for _, im in crops[2 * len(skimage_photos()):]],
-                                                LITE_MEAN, LITE_STD)
+        lead = 2 * len(COLOUR_PHOTOS + GREY_PHOTOS)
+        crops = calibration_images(lead + args.heldout_crops, args.seed + 1000)[lead:]
+        extra_sets["heldout_crops"] = normalise([np.asarray(im) for _, im in crops], LITE_MEAN, LITE_STD)
     folds = []
     if args.folds:
         if args.calib_format != "npz":
