@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = "repvgg_a0:15,mobileone_s0:15:w1"
 # The measured reference checkpoints were trained on AVX2 CPUs. PyTorch and oneDNN choose their kernels by
 # the CPU's instruction set, and 15 epochs carry the last-bit differences into other weights; capping both at
-# AVX2 retrains the same weights on an AVX-512 CPU (session 26: the session-13 repvgg_a0 again, its min-max
-# rows equal to the last digit of the cosine) and repeats a RepAPQ reconstruction of an AVX2 machine (the
+# AVX2 retrains the same weights on an AVX-512 CPU (the reference repvgg_a0 again, its min-max rows equal
+# to the last digit of the cosine) and repeats a RepAPQ reconstruction of an AVX2 machine (the
 # same logit cosine to 16 digits). On AVX2, train.py ignores --channels-last.
 PINNED_ISA = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
@@ -59,7 +59,7 @@ def ensure_model(arch: str, epochs: int, warmup: float | None = None) -> Path:
 def isa_caps() -> dict[str, str]:
     """The variables to add to the environment reference models are trained and the calibration benchmark's
     builds run in: on x86 CPUs with AVX2 or AVX-512, those of ``PINNED_ISA`` the caller has not set, so that
-    an AVX-512 machine trains and calibrates as an AVX2 one does (measured to the last digit in session 26);
+    an AVX-512 machine trains and calibrates as an AVX2 one does (measured to the last digit);
     elsewhere none."""
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         return {}

@@ -26,13 +26,13 @@ graph in FP16) and with ``--high_precision_dtype fp32``; both peers' graphs run 
 
 Builds run with PyTorch's and oneDNN's kernels capped at AVX2 on x86 (``_reference.isa_caps``, recorded
 as ``hardware.kernels_capped_at``): so capped, an AVX-512 machine repeated an AVX2 machine's build to the
-last digit (session 26), where uncapped kernels sum floats in another order.
+last digit, where uncapped kernels sum floats in another order.
 Writes ``<arch>.json``, ``<arch>.md`` and ``<arch>.png`` per model to ``--out`` and prints tables.
 Re-running resumes: finished builds are reused through their manifests (a changed package re-runs
 them). ``--merge`` re-measures only the selected rows and keeps the other rows of an existing
 ``<arch>.json``; every row records when it was measured (``measured_at``) and the checkpoint it
 measured: ``model_digest`` (``artifacts.model_digest``: the same for the same weights however the
-safetensors header is ordered; since session 26) or, in rows of sessions 22–25, ``model_sha256``, the
+safetensors header is ordered) or, in older rows, ``model_sha256``, the
 file's bytes, which a re-save of the same weights can change. ``--report-only``
 rewrites the tables and charts from the JSON. "± s.e." is the paired standard error of the drop
 (from the images each engine lost and gained against FP32; rows measured before it was recorded
@@ -81,13 +81,14 @@ console = Console(stderr=True)
 def _build(kwargs: dict, recipe: dict | None) -> dict:
     """One ``repapq-deploy build`` (run in a fresh process); ``recipe`` overrides repapq's settings."""
     from repapq_deploy.calibrate import reconstruct as R
-    from repapq_deploy.pipeline import Build, BuildOptions
+    from repapq_deploy.options import BuildOptions
+    from repapq_deploy.pipeline import Build
 
     R.PRESETS["init"] = {"iters": 0}
     if recipe is not None:
         R.RECONSTRUCTION["repapq-variant"] = replace(R.RECONSTRUCTION["repapq"], name="repapq-variant", **recipe)
     t0 = time.perf_counter()
-    r = Build(BuildOptions(**kwargs)).run()
+    r = Build(BuildOptions.from_flat(**kwargs)).run()
     acc, cal = r["accuracy"], r["calibration"]
     return {"fp32": acc["fp32"]["top1"], "top1": acc["engine"]["top1"], "fake_quant": acc["fake_quant"]["top1"],
             "agreement": acc["agreement_top1"], "cosine": acc["cosine"], "calib_seconds": cal["seconds"],
@@ -208,7 +209,7 @@ def main() -> None:
                     help="grid of the tensors only an Add reads (build --add-bits)")
     ap.add_argument("--offset-relu", choices=["auto", *OFFSET_RELU_MODES], default="none",
                     help="build --offset-relu for the tensorrt-profile builds (the onnxruntime profile has uint8). "
-                         "Default none, the build's default until session 28, so that the commands in "
+                         "Default none, so that the commands in "
                          "docs/benchmarks.md repeat; auto (today's build default) is unpadded here")
     ap.add_argument("--equalize", choices=["auto", *EQUALIZE_MODES], default="none",
                     help="build's --equalize; other than none, the rows are named 'METHOD (equalize MODE)' and "
@@ -282,7 +283,7 @@ def main() -> None:
         if args.peers:
             rows += peer_rows(arch, fp32, next(work.glob("*/model.fp32.onnx")), calib, test, work,
                               args.modelopt_python)
-        # which checkpoint a row measured: --merge mixes rows of several sessions, and a retrained
+        # which checkpoint a row measured: --merge mixes rows of several runs, and a retrained
         # checkpoint is the same model only if its weights are
         digest = model_digest(model)
         for r in rows:
@@ -326,8 +327,7 @@ def report(arch: str, epochs: int, warmup: float | None, fp32: float, rows: list
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     if strict:
-        md += ["", "† measured with the tensors that only an Add reads on the 6-bit grid too (`--add-bits 6`, "
-                   "the only placement before session 7)"]
+        md += ["", "† measured with the tensors that only an Add reads on the 6-bit grid too (`--add-bits 6`)"]
     Console().print(table)
     payload = {"arch": arch, "epochs": epochs, "warmup_epochs": warmup, "calib_images": args.calib_count,
                "eval_images": 10000,

@@ -35,7 +35,7 @@ photos: ``skimage.data``) and ``foolbox`` (20 labelled ImageNet validation image
    photo (starting at i) and calibrated on the scikit-image samples plus ``--fold-views`` views of each
    foolbox photo it is not evaluated on, so the calibration data holds ImageNet photos and no image is
    both calibrated and evaluated on. Accuracy is pooled over the folds (each photo evaluated once).
-4. Target (issue): top-1 agreement with FP32 = 100 % on the 20 images and mean logit cosine >= 0.99.
+4. Goal: top-1 agreement with FP32 = 100 % on the 20 images and mean logit cosine >= 0.99.
 
 Prints a table and writes ``efficientnet_lite0.json`` (and each build's ``report.json`` under
 ``reports/``) to ``--out``.
@@ -69,8 +69,10 @@ from repapq_deploy.backends.onnxruntime import OrtRunner  # noqa: E402
 from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION as RECONSTRUCTION_SETTINGS  # noqa: E402
 from repapq_deploy.environment import hardware  # noqa: E402
 from repapq_deploy.errors import DeployError  # noqa: E402
+from repapq_deploy.export.graphs import FP32_ONNX, QDQ_ONNX  # noqa: E402
 from repapq_deploy.load import load_model  # noqa: E402
-from repapq_deploy.pipeline import FP32_ONNX, QDQ_ONNX, Build, BuildOptions  # noqa: E402
+from repapq_deploy.options import BuildOptions  # noqa: E402
+from repapq_deploy.pipeline import Build  # noqa: E402
 from repapq_deploy.quant.scheme import OFFSET_RELU_MODES  # noqa: E402
 from repapq_deploy.verify.report import accuracy_metrics, predict  # noqa: E402
 
@@ -340,7 +342,7 @@ def main() -> None:
     ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none",
                     help="build's --offset-relu for the tensorrt profile (the onnxruntime profile has uint8); "
                          "default none, as the committed results were run (the build's TensorRT default is "
-                         "unpadded since session 28)")
+                         "unpadded)")
     ap.add_argument("--folds", type=int, default=0,
                     help="K >= 2: calibrate with views of the foolbox photos outside each of K folds added "
                          "(ImageNet-like calibration data) and evaluate on the fold; results pooled over folds")
@@ -448,7 +450,7 @@ def main() -> None:
         name += f"_folds{args.folds}" if folds else ""
         name += f"_{args.tag}" if args.tag else ""
         console.print(f"[bold]== {name}[/bold]")
-        opts = BuildOptions(
+        opts = BuildOptions.from_flat(
             model=str(model_path), trust_pickle=trust, num_classes=1000, calib=str(calib_path),
             calib_count=args.calib_count, eval=str(eval_path), bits=args.bits, method=method, preset=preset,
             profile=profile, backend="onnxruntime", out=str(work / name), seed=args.seed,

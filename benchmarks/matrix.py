@@ -21,7 +21,8 @@ from rich.table import Table
 
 from repapq_deploy.artifacts import write_json, write_text
 from repapq_deploy.environment import hardware
-from repapq_deploy.pipeline import Build, BuildOptions
+from repapq_deploy.options import BuildOptions
+from repapq_deploy.pipeline import Build
 
 # Short schedules: this benchmark proves that every method x bits x profile builds and verifies on the
 # real architectures; the accuracy benchmark of the calibration methods trains longer.
@@ -46,7 +47,7 @@ def main() -> None:
                                    args.methods.split(","))
         for profile, bits, method in combos:
             out = CACHE / "builds" / f"{arch}-{profile}-w{bits}-{method}"
-            opts = BuildOptions(model=str(folder / "model.safetensors"), calib=str(folder / "calib.npz"),
+            opts = BuildOptions.from_flat(model=str(folder / "model.safetensors"), calib=str(folder / "calib.npz"),
                                 eval=str(test), eval_count=args.eval_count, bits=bits, method=method, profile=profile,
                                 backend="onnxruntime", out=str(out), bench_seconds=1.0)
             r = Build(opts).run()

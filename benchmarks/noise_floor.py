@@ -9,7 +9,7 @@ seeded) for each ``sigma``. For each perturbation it counts the images whose top
 FP32 model's (flips) and the top-1 drop against the labels; per ``sigma`` it prints the median flips
 and mean max-abs logit error (as ``quant_sensitivity.py`` and ``recipe_screen.py`` report it), the
 mean, standard deviation and range of the drop over the draws, and the share of draws that lose at
-most 0.03 pp (the issue's W8A8 target). A quantized build with as many flips as a row here
+most 0.03 pp (the project's W8A8 goal). A quantized build with as many flips as a row here
 is as close to FP32 as that row's perturbation; where the row's mean drop is near 0 the drop of one
 build is mostly the sign of its flips, and the row's standard deviation is how far a single
 measurement of it can stray.

@@ -9,7 +9,7 @@ depthwise convs and adds cost time), quantizes the *same* fused FP32 ONNX with
 ``onnxruntime.quantization.quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
 MinMax) on the same calibration tensors, and times FP32, ours and ORT's interleaved in one run at
 batch 1 and 32 (medians), so the speed-up ratios are comparable on a noisy machine. The trained
-weights matter: which convs get split is measured on them (docs/method.md §0); a randomly
+weights matter: which convs get split is measured on them (docs/method.md, "Identity-tap split"); a randomly
 initialised RepVGG gets far fewer splits. The calibration images are Fashion-MNIST training images
 upsampled to the input size. Prints a table and writes ``ort_speedup.json``.
 """
@@ -33,7 +33,8 @@ from repapq_deploy.artifacts import write_json
 from repapq_deploy.backends import benchmark_interleaved
 from repapq_deploy.backends.onnxruntime import OrtRunner, count_ops
 from repapq_deploy.environment import hardware, versions
-from repapq_deploy.pipeline import Build, BuildOptions
+from repapq_deploy.options import BuildOptions
+from repapq_deploy.pipeline import Build
 
 
 class _Reader(CalibrationDataReader):
@@ -64,7 +65,7 @@ def main() -> None:
     engines, splits = {}, {}
     for name, split in (("repapq-deploy", True), ("repapq-deploy, no identity split", False)):
         folder = work / ("build" if split else "build_nosplit")
-        build = Build(BuildOptions(model=str(model), calib=str(work / "calib.npz"),
+        build = Build(BuildOptions.from_flat(model=str(model), calib=str(work / "calib.npz"),
                                    calib_count=args.calib_count, method="minmax", backend="onnxruntime",
                                    out=str(folder), input_size=(channels, args.size, args.size),
                                    split_identity=split))

@@ -24,17 +24,18 @@ from rich.table import Table
 from repapq_deploy.artifacts import write_json
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.environment import hardware, versions
 from repapq_deploy.export import export_qdq
 from repapq_deploy.export.onnx import reference_session
 from repapq_deploy.load import load_model
 from repapq_deploy.quant.identity_split import decide_identity_split
-from repapq_deploy.quant.placement import QuantizedModel, quantize_model
+from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
 
 
-def check(qm: QuantizedModel, x: torch.Tensor) -> dict:
+def check(qm: FakeQuantModel, x: torch.Tensor) -> dict:
     """Fold ``qm``'s affine layers, export, and compare ONNX Runtime with the unfolded model."""
     affine = copy.deepcopy(qm)
     qm.fold_affine()

@@ -26,8 +26,9 @@ from rich.console import Console
 from rich.table import Table
 
 from repapq_deploy.calibrate import calibrate
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.quant.identity_split import decide_identity_split
-from repapq_deploy.quant.placement import QuantizedModel, quantize_model
+from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES, equalize
 
@@ -39,7 +40,7 @@ def _row(name: str, out: np.ndarray, ref: np.ndarray, y: np.ndarray) -> dict:
             "mean_max_abs_logit_error": float(np.abs(out - ref).max(1).mean())}
 
 
-def sensitivity(qm: QuantizedModel, x: torch.Tensor, y: np.ndarray, ref: np.ndarray) -> list[dict]:
+def sensitivity(qm: FakeQuantModel, x: torch.Tensor, y: np.ndarray, ref: np.ndarray) -> list[dict]:
     """Everything quantized, then each activation and each weight quantizer alone."""
     qm.set_mode("quant")
     rows = [_row("all", logits(qm.module, x), ref, y)]

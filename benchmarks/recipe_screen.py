@@ -34,8 +34,8 @@ from _reference import ensure_calib_set, ensure_holdout_set, ensure_test_set, lo
 
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.quant.identity_split import decide_identity_split
-from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import OFFSET_RELU_MODES, QuantConfig
 from repapq_deploy.reparam.equalize import EQUALIZE_MODES, equalize
 from repapq_deploy.verify.report import paired_drop
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--equalize-alpha", type=float, default=0.5,
                     help="migration strength of dense equalization pairs (reparam.equalize)")
     ap.add_argument("--offset-relu", choices=OFFSET_RELU_MODES, default="none",
-                    help="build's --offset-relu (whose TensorRT default is unpadded since session 28)")
+                    help="build's --offset-relu (whose TensorRT default is unpadded)")
     ap.add_argument("--calib-count", type=int, default=1024)
     ap.add_argument("--holdout", type=int, default=0, help="evaluate on this many held-out training images")
     ap.add_argument("--seed", type=int, default=0,

@@ -23,8 +23,10 @@ from _reference import ensure_calib_set, write_results
 from rich.console import Console
 from rich.table import Table
 
+from repapq_deploy.calibrate.run import load_qstate
+from repapq_deploy.export.graphs import FP32_ONNX, QDQ_ONNX
 from repapq_deploy.export.onnx import check_against_torch, export_qdq, graph_summary
-from repapq_deploy.pipeline import FP32_ONNX, FUSED, QDQ_ONNX, QSTATE, load_calibrated, load_fused
+from repapq_deploy.pipeline import FUSED, QSTATE, load_fused
 
 
 def reexport(build: Path, out: Path, x: torch.Tensor) -> dict:
@@ -32,7 +34,7 @@ def reexport(build: Path, out: Path, x: torch.Tensor) -> dict:
     for name in (FUSED, QSTATE, FP32_ONNX):
         if not (build / name).is_file():
             raise SystemExit(f"{build}: no {name}; pass a build folder of repapq-deploy build")
-    qm = load_calibrated(load_fused(build / FUSED), build / QSTATE)
+    qm = load_qstate(load_fused(build / FUSED), build / QSTATE)
     out.mkdir(parents=True, exist_ok=True)
     export_qdq(qm, x[:8], out / QDQ_ONNX)
     shutil.copy(build / FP32_ONNX, out / FP32_ONNX)

@@ -6,14 +6,14 @@
 Each ``RUN_DIR`` is an ``--out`` folder of ``benchmarks/calibration.py`` holding ``<arch>.json`` (one seed,
 one thread count). Rows are matched by (method, preset, setting, profile). For each it prints the drop of
 every run, their mean, sample standard deviation and the standard error of the mean, and, for ``repapq``
-rows, the mean against the issue's target for that preset and setting. A row's runs differ in the
+rows, the mean against the project's goal for that preset and setting. A row's runs differ in the
 calibration seed (which also draws the calibration images) and in the thread count
 (``threads_per_build``): on the CPU both change a reconstruction's result (docs/method.md, "On the
 CPU"), so every run is one draw of the same random drop; a run calibrated on CUDA (the row's ``device``)
 is another such draw, since its float sums run in yet another order, and is labelled ``cuda`` in place of its
 thread count.
 All runs must measure the same checkpoint: the same FP32 top-1 and, among the runs that record one, the same
-``model_digest`` (content hash, since session 26) and the same ``model_sha256`` (file hash, sessions 22–25).
+``model_digest`` (content hash) and the same ``model_sha256`` (file hash, recorded by older runs).
 
 A row met twice in the same draw (same seed, thread count and device: two folders that both hold it) is
 counted once, the first folder's, and named on stderr: pooling it twice would weigh that draw double.

@@ -25,7 +25,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise DeployError(f"{path.parent}: cannot write here ({exc.strerror}); pass a writable --out") from exc
+        raise DeployError(f"{path.parent}: cannot write here ({exc.strerror}); pass a writable `out`") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:

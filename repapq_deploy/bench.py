@@ -1,5 +1,7 @@
 """``repapq-deploy bench``: latency percentiles and throughput of an engine or ONNX file.
 
+The speed-up against ``reference`` is the one every report uses (``repapq_deploy.latency``).
+
 Measurements are made for a noisy shared machine: warm-up, many iterations, medians, and
 optionally a reference model (the FP32 ONNX) timed interleaved with the engine, so their ratio is
 measured in one run and holds across machines of the same kind.
@@ -13,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from repapq_deploy.backends import benchmark_interleaved, get_backend
+from repapq_deploy.backends import get_backend
 from repapq_deploy.backends.onnxruntime import OnnxRuntimeReferenceBackend, OrtRunner
 from repapq_deploy.environment import hardware, versions
 from repapq_deploy.errors import DeployError
+from repapq_deploy.latency import measure
 
 
 @dataclass
@@ -71,26 +74,18 @@ def run_bench(path: str | Path, *, backend: str = "auto", reference: str | Path 
     static, shape = input_shape(path)
     ref_path = Path(reference) if reference else None
     if ref_path is not None and not ref_path.is_file():
-        raise DeployError(f"--reference {ref_path}: not found")
+        raise DeployError(f"`reference` {ref_path}: not found")
+    for bs in settings.batches:
+        if static is not None and bs != static:
+            raise DeployError(f"`batch` {bs}: {path} has a fixed batch size of {static}")
     rng = np.random.default_rng(settings.seed)
     result: dict = {"model": str(path), "backend": name, "reference": str(ref_path) if ref_path else None,
                     "input_shape": list(shape), "settings": settings.__dict__ | {"batches": list(settings.batches)},
                     "hardware": hardware(), "versions": versions(), "batches": {}}
-    for bs in settings.batches:
-        if static is not None and bs != static:
-            raise DeployError(f"--batch {bs}: {path} has a fixed batch size of {static}")
-        x = rng.standard_normal((bs, *shape)).astype(np.float32)
-        runners = {"engine": engine_backend.runner(path)}
-        if ref_path is not None:
-            runners["reference"] = OrtRunner(ref_path)
-        try:
-            stats = benchmark_interleaved(runners, x, warmup=settings.warmup, iterations=settings.iterations,
-                                          seconds=settings.seconds, description=f"bench {path.name}")
-        finally:
-            for r in runners.values():
-                r.deactivate()
-        entry = {k: s.to_dict() for k, s in stats.items()}
-        if "reference" in stats:
-            entry["speedup"] = stats["reference"].p50_ms / stats["engine"].p50_ms
-        result["batches"][str(bs)] = entry
+    measured = measure(lambda: engine_backend.runner(path), (lambda: OrtRunner(ref_path)) if ref_path else None,
+                       lambda bs: rng.standard_normal((bs, *shape)).astype(np.float32), settings.batches,
+                       warmup=settings.warmup, iterations=settings.iterations, seconds=settings.seconds,
+                       description=f"bench {path.name}")
+    for bs, entry in measured.items():
+        result["batches"][str(bs)] = {k: v if k == "speedup" else v.to_dict() for k, v in entry.items()}
     return result

@@ -1,8 +1,10 @@
-"""Command line: ``repapq-deploy build`` and one subcommand per stage.
+"""Command line: ``repapq-deploy build`` (and one subcommand per stage), ``bench``, ``check``, ``lint``.
 
-A stage subcommand runs the pipeline up to that stage in the same output folder, so
-``repapq-deploy calibrate model.pt --out DIR`` followed by ``repapq-deploy build model.pt --out DIR``
-does the calibration once.
+A thin shell over the library: options become :class:`~repapq_deploy.pipeline.BuildOptions` and a
+:class:`~repapq_deploy.recipe.Recipe`; library errors come back as one line naming this command's own
+flag for the setting at fault. A stage subcommand runs the pipeline up to that stage in the same output
+folder, so ``repapq-deploy calibrate model.pt --out DIR`` followed by ``repapq-deploy build model.pt
+--out DIR`` calibrates once.
 """
 
 from __future__ import annotations
@@ -16,145 +18,177 @@ import click
 from rich.markup import escape
 
 from repapq_deploy import __version__
-from repapq_deploy.calibrate.augment import AUGMENTATIONS
-from repapq_deploy.calibrate.methods import all_methods
 from repapq_deploy.errors import DeployError
-from repapq_deploy.pipeline import STAGES, Build, BuildOptions
 from repapq_deploy.progress import console, log
-from repapq_deploy.quant.scheme import OFFSET_RELU_MODES
-from repapq_deploy.reparam.equalize import EQUALIZE_MODES
+
+STAGES = ("reparam", "calibrate", "export", "engine", "verify")
+METHODS = ("minmax", "percentile", "entropy", "mse", "mae", "brecq", "repapq")
+TENSORRT = "TensorRT builder"
 
 
-def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:  # noqa: ARG001
-    if value is None:
-        return None
+def _floats(value: str, option: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated numbers") from None
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers", param_hint=option) from None
 
 
-def _views(ctx, param, value: str | None) -> tuple[str, ...] | None:  # noqa: ARG001
+def _size(ctx, param, value: str | None) -> tuple[int, ...] | None:  # noqa: ARG001
     if value is None:
         return None
-    if value == "none":
-        return ()
-    names = tuple(v.strip() for v in value.split(","))
-    unknown = [n for n in names if n not in AUGMENTATIONS]
-    if unknown:
-        raise click.BadParameter(f"{','.join(unknown)}: unknown view; choose from {', '.join(AUGMENTATIONS)} or none")
-    return names
-
-
-def _ints(ctx, param, value: str | None) -> tuple[int, ...] | None:  # noqa: ARG001
-    floats = _floats(ctx, param, value)
-    if floats is None:
-        return None
+    floats = _floats(value, param.opts[0])
     if len(floats) != 3 or any(f != int(f) or f < 1 for f in floats):
         raise click.BadParameter(f"{value!r}: expected three positive integers")
     return tuple(int(f) for f in floats)
 
 
+def _normalize(ctx, param, value: str | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:  # noqa: ARG001
+    if value is None:
+        return None
+    mean, sep, std = value.partition("/")
+    if not sep:
+        raise click.BadParameter(f"{value!r}: expected MEAN/STD, e.g. 0.5/0.5 or 0.485,0.456,0.406/0.229,0.224,0.225")
+    return _floats(mean, "--normalize"), _floats(std, "--normalize")
+
+
+class _Option(click.Option):
+    """An option that knows its help section (``group``)."""
+
+    def __init__(self, *args, group: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+
+class _Command(click.Command):
+    """Help with the TensorRT builder options in their own section."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record is not None:
+                sections.setdefault(getattr(param, "group", None) or "Options", []).append(record)
+        for name, records in sections.items():
+            with formatter.section(f"{name} options" if name == TENSORRT else name):
+                formatter.write_dl(records)
+
+
+def _opt(*decls, **kwargs):
+    return click.option(*decls, cls=_Option, **kwargs)
+
+
+# Settings that moved into the recipe keep their old flags, hidden, so existing scripts still run.
+RECIPE_FLAGS = {
+    "preset": click.Choice(["fast", "default", "thorough"]), "eval_count": int, "resize": int,
+    "batch_size": int, "opset": int, "bench_seconds": float, "add_bits": click.Choice(["8", "6"]),
+    "offset_relu": click.Choice(["auto", "none", "unpadded", "all"]), "equalize":
+    click.Choice(["auto", "none", "depthwise", "all"]), "qdrop": float, "calib_augment": str,
+}
+RECIPE_SWITCHES = ("split_identity", "adaround", "gptq")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def build_options(fn):
-    """The options every pipeline command shares."""
+    """The options of ``build`` and the stage subcommands, defined once."""
     options = [
         click.argument("model", type=click.Path(dir_okay=False)),
-        click.option("--arch", help="timm model name for state dicts (e.g. repvgg_a0, mobileone_s0)."),
-        click.option("--num-classes", type=click.IntRange(min=1),
-                     help="Classifier size (default: from the checkpoint)."),
-        click.option("--in-chans", type=click.IntRange(min=1), help="Input channels (default: from the checkpoint)."),
-        click.option("--calib", default="calib", show_default=True,
-                     help="Calibration data: image folder, or .npz/.npy/.pt of preprocessed N,C,H,W tensors."),
-        click.option("--calib-count", type=int, default=256, show_default=True,
-                     help="Calibration samples drawn (seeded) from --calib."),
-        click.option("--eval", "eval_", help="Evaluation data with labels: class-folder images or .npz with x,y "
-                                             "(default: agreement-only on --calib)."),
-        click.option("--eval-count", type=int, help="Evaluate on this many samples (default: all)."),
-        click.option("--bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
-                     help="Weight and activation bits; 6 is emulated exactly on INT8 kernels."),
-        click.option("--first-last-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
-                     help="Bits of the first conv and the classifier."),
-        click.option("--add-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
-                     help="Bits of tensors quantized only because an integer Add needs them (no weighted "
-                          "layer reads them); 6 makes --bits 6 quantize those too."),
-        click.option("--offset-relu", type=click.Choice(["auto", *OFFSET_RELU_MODES]), default="auto",
-                     show_default=True,
-                     help="TensorRT profile, 8-bit activations: give post-ReLU tensors all 256 int8 levels by "
-                          "storing x - 128 s and adding the constant back through the reading layers' biases "
-                          "('unpadded': only tensors read by linear layers and unpadded convs; 'all': padded "
-                          "convs too, with a constant border map after them; 'none': they use [0, 127]). "
-                          "'auto' is 'unpadded' on tensorrt and 'none' on onnxruntime (uint8 already)."),
-        click.option("--split-identity/--no-split-identity", default=True, show_default=True,
-                     help="Keep each fused kernel's dominant identity tap as a depthwise 1x1 conv beside it, "
-                          "so it does not set the kernel's quantization range (one extra conv and add per "
-                          "RepVGG/MobileOne block)."),
-        click.option("--equalize", type=click.Choice(["auto", *EQUALIZE_MODES]), default="auto", show_default=True,
-                     help="Cross-layer equalization before calibration (exact rescaling of conv pairs across a "
-                          "ReLU): depthwise = pairs whose second conv is depthwise (free for the weights), "
-                          "all = every conv pair; auto = all for repapq/brecq, and for a range method the mode "
-                          "whose logits are closest to FP32 on the calibration images."),
-        click.option("--method", type=click.Choice(all_methods()), default="repapq", show_default=True,
-                     help="Calibration method: reconstruction (repapq, brecq) or a range method (minutes vs "
-                          "seconds; percentile is the quickest good one)."),
-        click.option("--preset", type=click.Choice(["fast", "default", "thorough"]), default="default",
-                     show_default=True, help="Reconstruction effort (repapq, brecq): time vs accuracy."),
-        click.option("--adaround/--no-adaround", default=None,
-                     help="Learn weight rounding (AdaRound) during reconstruction (default: on for brecq, "
-                          "off for repapq)."),
-        click.option("--qdrop", type=click.FloatRange(0, 1), default=None,
-                     help="QDrop probability during reconstruction (default: the method's, 0)."),
-        click.option("--gptq/--no-gptq", default=None,
-                     help="Round each unit's weights by GPTQ before reconstruction trains its steps and affine "
-                          "(weights then stay fixed; default: the method's)."),
-        click.option("--calib-augment", callback=_views,
-                     help="Extra views of the calibration images that reconstruction also fits, applied "
-                          "cumulatively: comma-separated hflip, shift (2 px), mixup, or none (default: the method's)."),
-        click.option("--profile", type=click.Choice(["tensorrt", "onnxruntime"]),
-                     help="Quantization scheme (default: the backend's)."),
-        click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
-                     show_default=True, help="Engine backend; auto = TensorRT if usable here, else ONNX Runtime."),
-        click.option("--out", help="Output folder (default: engines/<model file name>)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                     help="Where calibration runs."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-                     help="Calibration batch size."),
-        click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True),
-        click.option("--input-size", callback=_ints, help="C,H,W the model expects (default: timm data config)."),
-        click.option("--mean", callback=_floats, help="Per-channel normalization mean, comma-separated."),
-        click.option("--std", callback=_floats, help="Per-channel normalization std, comma-separated."),
-        click.option("--resize", type=int, help="Resize the shorter side to this before the center crop."),
-        click.option("--threads", type=click.IntRange(min=1),
-                     help="CPU threads for calibration and ONNX Runtime (default: all cores)."),
-        click.option("--bench-seconds", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
-                     help="Time budget per latency measurement."),
-        click.option("--trt-batch", callback=_ints, default="1,8,32", show_default=True,
-                     help="TensorRT optimization profile batch sizes: min,opt,max."),
-        click.option("--workspace-mib", type=click.IntRange(min=1), default=4096, show_default=True,
-                     help="TensorRT builder workspace limit."),
-        click.option("--builder-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
-                     help="TensorRT builder optimization level."),
-        click.option("--hardware-compatible", is_flag=True, help="TensorRT engine runs on any Ampere+ GPU."),
-        click.option("--version-compatible", is_flag=True,
-                     help="TensorRT engine runs on later TensorRT releases of the same major version."),
-        click.option("--trust-pickle", is_flag=True, help="Allow unpickling whole modules (runs code from the file)."),
-        click.option("--force", is_flag=True, help="Re-run every stage even if up to date."),
-        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
+        _opt("--arch", help="timm model name for state dicts (e.g. repvgg_a0, mobileone_s0)."),
+        _opt("--num-classes", type=click.IntRange(min=1), help="Classifier size (default: from the checkpoint)."),
+        _opt("--input-size", callback=_size, help="C,H,W the model takes (default: timm's data config)."),
+        _opt("--normalize", callback=_normalize,
+             help="Per-channel normalization MEAN/STD, e.g. 0.5/0.5 (default: timm's data config)."),
+        _opt("--calib", default="calib", show_default=True,
+             help="Calibration data: image folder, or .npz/.npy/.pt of preprocessed N,C,H,W tensors."),
+        _opt("--calib-count", type=click.IntRange(min=1), default=256, show_default=True,
+             help="Calibration samples drawn (seeded) from --calib."),
+        _opt("--eval", "eval_", help="Evaluation data with labels: class-folder images or .npz with x,y "
+                                     "(default: agreement with FP32 on --calib)."),
+        _opt("--bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
+             help="Weight and activation bits; 6 is emulated exactly on INT8 kernels."),
+        _opt("--first-last-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
+             help="Bits of the first conv and the classifier under --bits 6."),
+        _opt("--method", type=click.Choice(METHODS), default="repapq", show_default=True,
+             help="Calibration: reconstruction (repapq, brecq; minutes) or a range method (seconds)."),
+        _opt("--recipe", help="Expert settings: a named recipe (fast, thorough, ...) or a .yaml/.json file "
+                              "(docs/recipes.md)."),
+        _opt("--profile", type=click.Choice(["tensorrt", "onnxruntime"]),
+             help="Quantization scheme (default: the backend's)."),
+        _opt("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+             show_default=True, help="Engine backend; auto = TensorRT if usable here, else ONNX Runtime."),
+        _opt("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+             help="Where calibration runs."),
+        _opt("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch and ONNX Runtime (default: all)."),
+        _opt("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample and training."),
+        _opt("--out", help="Output folder (default: engines/<model file name>)."),
+        _opt("--trust-pickle", is_flag=True, help="Allow unpickling whole modules (runs code from the file)."),
+        _opt("--force", is_flag=True, help="Re-run every stage even if up to date."),
+        _opt("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
+        _opt("--trt-batch", callback=_size, default="1,8,32", show_default=True, group=TENSORRT,
+             help="Optimization profile batch sizes: min,opt,max."),
+        _opt("--workspace-mib", type=click.IntRange(min=1), default=4096, show_default=True, group=TENSORRT,
+             help="Builder workspace limit."),
+        _opt("--builder-opt-level", type=click.IntRange(0, 5), default=3, show_default=True, group=TENSORRT,
+             help="Builder optimization level."),
+        _opt("--hardware-compatible", is_flag=True, group=TENSORRT, help="Engine runs on any Ampere+ GPU."),
+        _opt("--version-compatible", is_flag=True, group=TENSORRT,
+             help="Engine runs on later TensorRT releases of the same major version."),
+        # hidden: earlier flags, kept working
+        _opt("--in-chans", type=click.IntRange(min=1), hidden=True),
+        _opt("--mean", hidden=True),
+        _opt("--std", hidden=True),
+        *[_opt(_flag(k), k, type=t, hidden=True) for k, t in RECIPE_FLAGS.items()],
+        *[_opt(f"{_flag(k)}/--no-{_flag(k)[2:]}", k, default=None, hidden=True) for k in RECIPE_SWITCHES],
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _run(until: str, kwargs: dict) -> None:
-    as_json = kwargs.pop("as_json")
+def cli_name(setting: str) -> str:
+    """How this command line spells a library setting in an error message."""
+    from repapq_deploy.recipe import Recipe
+
+    if setting in Recipe.__dataclass_fields__:
+        return f"recipe key {setting}"
+    return {"recipe_key": "recipe key", "mean": "--normalize", "std": "--normalize", "in_chans": "--input-size",
+            "onnx_path": "--onnx_path"}.get(setting, _flag(setting))
+
+
+def _options(kwargs: dict):
+    """BuildOptions from the parsed command line (a recipe file plus any old recipe flags on top)."""
+    from repapq_deploy.options import BuildOptions
+    from repapq_deploy.recipe import Recipe
+
     kwargs["eval"] = kwargs.pop("eval_")
-    kwargs["bits"] = int(kwargs["bits"])
-    kwargs["first_last_bits"] = int(kwargs["first_last_bits"])
-    kwargs["add_bits"] = int(kwargs["add_bits"])
-    if kwargs["bits"] == 8:
-        kwargs["first_last_bits"] = 8
-    build = Build(BuildOptions(**kwargs))
+    for key in ("bits", "first_last_bits"):
+        kwargs[key] = int(kwargs[key])
+    normalize = kwargs.pop("normalize")
+    mean, std = kwargs.pop("mean"), kwargs.pop("std")
+    if normalize:
+        mean, std = normalize
+    kwargs["mean"] = _floats(mean, "--mean") if isinstance(mean, str) else mean
+    kwargs["std"] = _floats(std, "--std") if isinstance(std, str) else std
+    recipe = Recipe.load(kwargs.pop("recipe")) if kwargs.get("recipe") else Recipe()
+    kwargs.pop("recipe", None)
+    moved = {k: kwargs.pop(k) for k in (*RECIPE_FLAGS, *RECIPE_SWITCHES)}
+    moved = {k: v for k, v in moved.items() if v is not None}
+    if "add_bits" in moved:
+        moved["add_bits"] = int(moved["add_bits"])
+    if "calib_augment" in moved:
+        moved["calib_augment"] = [] if moved["calib_augment"] == "none" else moved["calib_augment"].split(",")
+    for key in moved:
+        log(f"[dim]note: {_flag(key)} is the recipe key {key} now (--recipe FILE); it still works here[/dim]")
+    return BuildOptions(**kwargs, recipe=recipe.replace(**moved) if moved else recipe)
+
+
+def _run(until: str, kwargs: dict) -> None:
+    from repapq_deploy.pipeline import Build
+
+    as_json = kwargs.pop("as_json")
+    build = Build(_options(kwargs))
     result = build.run(until)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
@@ -162,10 +196,12 @@ def _run(until: str, kwargs: dict) -> None:
         _summary(result, build.out)
 
 
-def _summary(report: dict, out: str) -> None:
+def _summary(report: dict, out) -> None:
     from rich.table import Table
 
-    acc, lat = report["accuracy"], report["latency_ms"]
+    from repapq_deploy.verify.report import slower_note
+
+    acc, lat, eng = report["accuracy"], report["latency_ms"], report["engine"]
     table = Table(title=f"repapq-deploy: {report['config']['model']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -180,26 +216,38 @@ def _summary(report: dict, out: str) -> None:
         table.add_row("drop vs FP32 (paired, ± std. error)",
                       f"{d['drop_pp']:+.2f} ± {d['drop_se_pp']:.2f} pp ({d['lost']} lost, {d['gained']} gained)")
     table.add_row("agreement with FP32, cosine", f"{acc['agreement_top1']:.2f} %, {acc['cosine']:.5f}")
-    table.add_row("engine", f"{report['engine']['backend']}, int8 ops {report['engine']['int8_op_fraction']:.0%}")
+    if eng.get("int8_op_fraction") is not None:
+        table.add_row("engine", f"{eng['backend']}, conv/gemm in integer kernels {eng['int8_op_fraction']:.0%}")
+    else:
+        table.add_row("engine", f"{eng['backend']} (float kernels), conv/gemm inputs quantized "
+                                f"{eng.get('qdq_coverage') or 0:.0%}")
+    reference = {"tensorrt-fp16": "FP16", "onnxruntime-fp32": "FP32"}.get(lat.get("reference"), "FP32")
     for bs in ("bs1", "bs32"):
-        table.add_row(f"p50 latency {bs} FP32 -> engine",
+        table.add_row(f"p50 latency {bs} {reference} -> engine",
                       f"{lat['fp32'][bs]:.3f} -> {lat['engine'][bs]:.3f} ms ({lat['speedup'][bs]:.2f}x)")
     console.print(table)
+    note = slower_note(lat["speedup"], report["reparam"].get("flops_after"))
+    if note:
+        log(f"note: {note}")
     for w in report.get("warnings", []):
-        log(f"[yellow]warning:[/yellow] {w}")
+        log(f"[yellow]warning:[/yellow] {escape(w)}")
     log(f"report: {out}/report.md, {out}/report.json")
 
 
+def _fail(exc: DeployError, code: int = 1):
+    console.print(f"[red]error:[/red] {escape(exc.render(cli_name))}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def _guard(fn):
-    """Turn DeployError into a one-line message and exit code 1."""
+    """Turn a DeployError into a one-line message naming this command's flags, and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DeployError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            sys.exit(1)
+            _fail(exc)
 
     return wrapper
 
@@ -210,7 +258,7 @@ def main() -> None:
     """Deploy reparameterizable CNNs (RepVGG, MobileOne, ...) as verified INT8 / INT6-emulated engines."""
 
 
-@main.command()
+@main.command(cls=_Command)
 @build_options
 @_guard
 def build(**kwargs) -> None:
@@ -225,7 +273,7 @@ def _stage_command(stage: str, doc: str) -> None:
         _run(stage, kwargs)
 
     command.__doc__ = doc
-    main.command(name=stage)(command)
+    main.command(name=stage, cls=_Command)(command)
 
 
 STAGE_HELP = {
@@ -237,10 +285,6 @@ STAGE_HELP = {
 }
 for _stage in STAGES:
     _stage_command(_stage, STAGE_HELP[_stage])
-
-
-if __name__ == "__main__":
-    main()
 
 
 def _batches(ctx, param, value: str) -> tuple[int, ...]:  # noqa: ARG001
@@ -355,8 +399,7 @@ def check(report, baseline, max_latency_regression, max_accuracy_drop, update_ba
         if summary:
             gate.write_summary(summary, gate.summary_markdown(checks, diffs, code, str(report), str(baseline)))
     except DeployError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(gate.BAD_INPUT)
+        _fail(exc, gate.BAD_INPUT)
     if as_json:
         click.echo(json.dumps({"exit_code": code, "hardware_differences": diffs,
                                "checks": [c.__dict__ | {"delta": c.delta} for c in checks]}, indent=2))

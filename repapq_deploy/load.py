@@ -2,8 +2,8 @@
 
 Accepted: state dicts (``.pt``/``.pth``/``.safetensors``, possibly wrapped under ``state_dict`` /
 ``model`` / ``model_ema`` with DDP ``module.`` prefixes, timm's layout or the authors' RepVGG /
-MobileOne layouts) plus ``--arch``; TorchScript files; ``torch.export`` archives; and whole pickled
-modules (YOLOv6's ``{'model': module}``) only with ``--trust-pickle``.
+MobileOne layouts) plus ``arch``; TorchScript files; ``torch.export`` archives; and whole pickled
+modules (YOLOv6's ``{'model': module}``) only with ``trust_pickle``.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> object:
                               "a Git LFS pointer, or another format?") from exc
         if not trust_pickle:
             raise DeployError(f"{path}: refused to unpickle {found.group(1)} (unpickling runs arbitrary code); "
-                              "pass --trust-pickle if you trust this file, or save a state dict") from exc
+                              "pass `trust_pickle` if you trust this file, or save a state dict") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # arbitrary pickled code may raise anything
@@ -152,11 +152,11 @@ def _from_state_dict(path: Path, sd: dict[str, torch.Tensor], meta: dict, arch: 
                      num_classes: int | None, in_chans: int | None, fmt: str) -> LoadedModel:
     arch = arch or meta.get("arch")
     if not arch:
-        raise DeployError(f"{path}: is a state dict without an architecture; pass --arch NAME "
+        raise DeployError(f"{path}: is a state dict without an architecture; pass `arch` NAME "
                           "(a timm model name such as repvgg_a0, mobileone_s0, repghostnet_100)")
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
-        raise DeployError(f"--arch {arch}: not a timm model name" + (f" (did you mean {', '.join(close)}?)"
+        raise DeployError(f"`arch` {arch}: not a timm model name" + (f" (did you mean {', '.join(close)}?)"
                                                                     if close else ""))
     _check_finite(sd, path)
     layout = detect_layout(sd)
@@ -172,14 +172,14 @@ def _from_state_dict(path: Path, sd: dict[str, torch.Tensor], meta: dict, arch: 
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
-        raise DeployError(f"{path}: does not match --arch {arch}: {len(missing)} missing keys "
-                          f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}; check --arch")
+        raise DeployError(f"{path}: does not match `arch` {arch}: {len(missing)} missing keys "
+                          f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}; check `arch`")
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if sd[k].shape != v.shape]
     if wrong:
-        raise DeployError(f"{path}: shapes do not match --arch {arch} (checkpoint vs model: {wrong[0]}"
+        raise DeployError(f"{path}: shapes do not match `arch` {arch} (checkpoint vs model: {wrong[0]}"
                           f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''}); "
-                          "check --arch / --num-classes / --in-chans")
+                          "check `arch` / `num_classes` / `in_chans`")
     model.load_state_dict(sd, strict=True)
     return LoadedModel(model.eval(), fmt, arch, model.num_classes, in_chans or 3, layout, dict(meta))
 
@@ -205,7 +205,7 @@ def _from_module(module: nn.Module, path: Path) -> LoadedModel:
 
 def _from_torchscript(path: Path, example_input: torch.Tensor | None) -> LoadedModel:
     if example_input is None:
-        raise DeployError(f"{path}: TorchScript files need calibration data to convert them; pass --calib")
+        raise DeployError(f"{path}: TorchScript files need calibration data to convert them; pass `calib`")
     try:
         ts = torch.jit.load(str(path), map_location="cpu").eval()
     except RuntimeError as exc:

@@ -1,7 +1,7 @@
 """``manifest.json``: each stage's input hashes, options, outputs, timing and outcome.
 
 A stage is skipped when its inputs and options are unchanged and its outputs are still on disk
-with the recorded hashes; ``--force`` re-runs everything.
+with the recorded hashes; ``force`` re-runs everything.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Manifest:
         try:
             return self.data["stages"][stage]["outputs"][name]
         except KeyError:
-            raise DeployError(f"{self.path}: stage '{stage}' has no record of {name}; re-run with --force") from None
+            raise DeployError(f"{self.path}: stage '{stage}' has no record of {name}; re-run with `force`") from None
 
     def record(self, stage: str, inputs: dict[str, str], options: dict, outputs: list[str],
                result: dict, seconds: float, status: str = "ok") -> None:

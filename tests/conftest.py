@@ -34,8 +34,8 @@ def example_act_quantizers(profile: str) -> int:
 @pytest.fixture(scope="session", autouse=True)
 def short_reconstruction():
     """``repapq`` is build's default: every preset runs a few iterations per unit in the tests, which
-    exercise the machinery (accuracy at the real presets is the benchmarks' job). Session-scoped and
-    autouse, so it is in place before any module-scoped build fixture runs."""
+    exercise the machinery (accuracy at the real presets is the benchmarks' job). Scoped to the whole run
+    and autouse, so it is in place before any module-scoped build fixture runs."""
     from repapq_deploy.calibrate import reconstruct as R
 
     with pytest.MonkeyPatch.context() as mp:

@@ -8,8 +8,8 @@ import torch
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
 from repapq_deploy.calibrate.augment import SHIFT, augment
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.errors import DeployError
-from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 
 
@@ -44,7 +44,7 @@ def test_mixup_blends_each_image_with_a_partner_and_stays_dominant():
 
 
 def test_bad_views_are_refused():
-    with pytest.raises(DeployError, match="--calib-augment rotate"):
+    with pytest.raises(DeployError, match="calib_augment rotate"):
         augment(torch.zeros(2, 1, 4, 4), ("rotate",), 0)
     with pytest.raises(DeployError, match="image input"):
         augment(torch.zeros(2, 16), ("hflip",), 0)
@@ -69,11 +69,11 @@ def test_unknown_view_is_a_usage_error(example_dir, tmp_path):
 
     result = CliRunner().invoke(main, ["calibrate", str(example_dir / "model.safetensors"), "--calib-augment",
                                        "hflip,rotate", "--out", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "rotate: unknown view" in result.output
+    assert result.exit_code == 1 and "'calib_augment': 'rotate' is not one of" in result.output
     assert not (tmp_path / "out").exists()
 
 
 def test_views_are_refused_for_range_methods(fused_example, calib_x):
     qm = quantize_model(fused_example[0], QuantConfig("tensorrt", 8, 8))
-    with pytest.raises(DeployError, match="--calib-augment applies to reconstruction methods"):
+    with pytest.raises(DeployError, match="calib_augment applies to reconstruction methods"):
         calibrate(qm, calib_x[:16], "minmax", overrides={"augment": ("hflip",)})

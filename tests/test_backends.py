@@ -36,10 +36,11 @@ from repapq_deploy.backends.onnxruntime import (
     count_ops,
 )
 from repapq_deploy.calibrate import calibrate
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.errors import DeployError
 from repapq_deploy.export import export_fp32, export_qdq
 from repapq_deploy.export.onnx import reference_session
-from repapq_deploy.quant.placement import QuantizedModel, quantize_model
+from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import QuantConfig
 
 NUM_CLASSES = 10
@@ -66,7 +67,7 @@ class Graphs:
     x: np.ndarray
     fp32: Path
     qdq: dict[str, Path]  # profile -> QDQ ONNX
-    qmodels: dict[str, QuantizedModel]
+    qmodels: dict[str, FakeQuantModel]
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,8 @@ def test_backend_tensorrt_without_tensorrt_is_a_one_line_error(monkeypatch):
         resolve_backend("tensorrt", None)
     message = str(exc.value)
     assert "\n" not in message
-    assert message.startswith("--backend tensorrt:")
-    assert "--backend onnxruntime" in message  # says what to do instead
+    assert message.startswith("backend tensorrt:")
+    assert "backend onnxruntime" in message  # says what to do instead
 
 
 def test_auto_picks_tensorrt_when_present(monkeypatch):
@@ -132,9 +133,9 @@ def test_auto_picks_tensorrt_when_present(monkeypatch):
 
 @pytest.mark.parametrize("name", ["openvino", "", "TensorRT"])
 def test_unknown_backend_is_rejected(name):
-    with pytest.raises(DeployError, match=f"--backend {name}:"):
+    with pytest.raises(DeployError, match=f"backend {name}:"):
         resolve_backend(name, None)
-    with pytest.raises(DeployError, match=f"--backend {name}: no such backend"):
+    with pytest.raises(DeployError, match=f"backend {name}: no such backend"):
         get_backend(name)
 
 
@@ -183,7 +184,7 @@ class Relu6Net(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _ort_fraction(qm: QuantizedModel, x: torch.Tensor, folder: Path) -> EngineInfo:
+def _ort_fraction(qm: FakeQuantModel, x: torch.Tensor, folder: Path) -> EngineInfo:
     export_qdq(qm, x, folder / "model.qdq.onnx")
     return OnnxRuntimeBackend().build(folder / "model.qdq.onnx", folder / "model.ort.onnx")
 
@@ -359,14 +360,14 @@ def test_reference_backend_copies_graph_and_counts_quantized_layers(graphs, tmp_
     assert engine.read_bytes() == src.read_bytes()  # executed exactly as written
     assert _tmp_leftovers(tmp_path) == []
     assert info.backend == "onnxruntime-reference"
-    assert (info.integer_ops, info.float_ops, info.int8_op_fraction) == (3, 0, 1.0)
+    assert (info.integer_ops, info.float_ops, info.int8_op_fraction, info.qdq_coverage) == (None, None, None, 1.0)
     assert info.op_counts["Conv"] == 2 and info.op_counts["Gemm"] == 1
     assert any("not INT8 latency" in n for n in info.notes)
 
 
 def test_reference_backend_counts_fp32_graph_as_float(graphs, tmp_path):
     info = OnnxRuntimeReferenceBackend().build(graphs.fp32, tmp_path / "fp32.ref.onnx")
-    assert (info.integer_ops, info.float_ops, info.int8_op_fraction) == (0, 3, 0.0)
+    assert (info.int8_op_fraction, info.qdq_coverage) == (None, 0.0)
 
 
 def _value(name: str, shape: list[int]) -> onnx.ValueInfoProto:
@@ -405,8 +406,8 @@ def test_reference_backend_counts_only_layers_with_dequantized_inputs(tmp_path):
     path = tmp_path / "hand.onnx"
     _hand_built_qdq(path)
     info = OnnxRuntimeReferenceBackend().describe(path)
-    assert (info["integer_ops"], info["float_ops"]) == (2, 2)  # conv_q, gemm_q vs conv_f, matmul_h
-    assert info["int8_op_fraction"] == 0.5
+    assert info["qdq_coverage"] == 0.5  # conv_q, gemm_q of conv_q, gemm_q, conv_f, matmul_h
+    assert info["int8_op_fraction"] is None
     assert info["op_counts"]["DequantizeLinear"] == 4
     # and it runs, unoptimized
     with OnnxRuntimeReferenceBackend().runner(path) as r:
@@ -459,7 +460,7 @@ def test_count_ops_without_conv_or_gemm(tmp_path):
     onnx.save(model, str(tmp_path / "relu.onnx"))
     # no conv/gemm at all: fraction 0, not a ZeroDivisionError
     assert OnnxRuntimeBackend().describe(tmp_path / "relu.onnx")["int8_op_fraction"] == 0.0
-    assert OnnxRuntimeReferenceBackend().describe(tmp_path / "relu.onnx")["int8_op_fraction"] == 0.0
+    assert OnnxRuntimeReferenceBackend().describe(tmp_path / "relu.onnx")["qdq_coverage"] == 0.0
 
 
 # --- runners ---------------------------------------------------------------------------------------------

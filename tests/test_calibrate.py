@@ -10,16 +10,17 @@ from conftest import EXAMPLE_LAYERS, EXAMPLE_SPLITS, example_act_quantizers
 
 from repapq_deploy.calibrate import METHODS, calibrate
 from repapq_deploy.calibrate.methods import CalibrationResult
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.errors import DeployError
 from repapq_deploy.quant.fakequant import ActQuantizer
-from repapq_deploy.quant.placement import QuantizedModel, quantize_model
+from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import QuantConfig
 
 CALIB = 32  # images; small but enough for every quantizer to see thousands of values
 
 
 @pytest.fixture(scope="module")
-def calibrated(fused_example, calib_x) -> dict[str, tuple[QuantizedModel, CalibrationResult]]:
+def calibrated(fused_example, calib_x) -> dict[str, tuple[FakeQuantModel, CalibrationResult]]:
     gm, _ = fused_example
     out = {}
     for method in METHODS:
@@ -28,7 +29,7 @@ def calibrated(fused_example, calib_x) -> dict[str, tuple[QuantizedModel, Calibr
     return out
 
 
-def _clips(qm: QuantizedModel) -> dict[str, float]:
+def _clips(qm: FakeQuantModel) -> dict[str, float]:
     return {n: float(q.scale) * q.fmt.qmax for n, q in qm.act_quantizers.items()}
 
 
@@ -147,7 +148,7 @@ def test_unknown_method(fused_example, calib_x) -> None:
     with pytest.raises(DeployError) as info:
         calibrate(qm, calib_x[:4], "kl-divergence")
     message = str(info.value)
-    assert "\n" not in message and message.startswith("--method kl-divergence") and "minmax" in message
+    assert "\n" not in message and message.startswith("method kl-divergence") and "minmax" in message
     assert all(q.mode == "off" for q in qm.act_quantizers.values())  # nothing was touched
 
 
@@ -157,14 +158,14 @@ def test_cuda_device_without_cuda(fused_example, calib_x) -> None:
     with pytest.raises(DeployError) as info:
         calibrate(qm, calib_x[:4], "minmax", device="cuda")
     message = str(info.value)
-    assert "\n" not in message and "--device cuda" in message and "--device cpu" in message
+    assert "\n" not in message and "device cuda" in message and "device cpu" in message
 
 
 def test_unknown_device(fused_example, calib_x) -> None:
     qm = quantize_model(fused_example[0], QuantConfig())
     with pytest.raises(DeployError) as info:
         calibrate(qm, calib_x[:4], "minmax", device="tpu")
-    assert str(info.value).startswith("--device tpu")
+    assert str(info.value).startswith("device tpu")
 
 
 def test_all_zero_activation_gets_a_positive_scale(calib_x) -> None:
@@ -182,7 +183,7 @@ def test_all_zero_activation_gets_a_positive_scale(calib_x) -> None:
 
 def test_dead_channels_get_scale_one(fused_example, calib_x):
     # a channel of zeros (or ~1e-9 weights) must not get a 1e-10 step: FP16 graphs would underflow
-    from repapq_deploy.quant.placement import quantize_model
+    from repapq_deploy.calibrate.prepare import quantize_model
     from repapq_deploy.quant.scheme import QuantConfig
 
     gm, _ = fused_example

@@ -194,7 +194,9 @@ def test_tensorrt_profile_is_verified_by_reference_execution(build_of, bits):
     assert engine["path"] == "model.ref.onnx"
     assert (b.out / "model.ref.onnx").read_bytes() == (b.out / "model.qdq.onnx").read_bytes()
     assert not (b.out / "model.ort.onnx").exists()
-    assert engine["int8_op_fraction"] == 1.0  # every conv/gemm reads dequantized inputs
+    # reference execution runs float kernels: no integer share to report, but every conv/gemm reads
+    # dequantized inputs
+    assert engine["int8_op_fraction"] is None and engine["qdq_coverage"] == 1.0
     assert any("not INT8 latency" in n for n in engine["notes"])
 
 
@@ -352,7 +354,7 @@ def test_offset_relu_auto_is_the_profiles_choice_and_recorded_as_such(build_of, 
 def test_offset_relu_on_the_onnxruntime_profile_is_refused(tmp_path):
     out = tmp_path / "out"
     result = cli("build", MODEL, "--calib", CALIB, "--out", out, "--profile", "onnxruntime", "--offset-relu", "all")
-    assert_clean_failure(result, out, "--offset-relu all", "--profile tensorrt")
+    assert_clean_failure(result, out, "recipe key offset_relu all", "--profile tensorrt")
 
 
 def test_force_reruns_every_stage(ort8, tmp_path):

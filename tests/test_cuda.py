@@ -11,7 +11,7 @@ import torch
 
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
-from repapq_deploy.quant.placement import quantize_model
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 
 pytestmark = [pytest.mark.cuda,

@@ -58,7 +58,7 @@ def _error(path: Path | str, **kwargs) -> str:
 
 
 def test_folder_with_labels(class_folder: Path) -> None:
-    ds = load_dataset(class_folder, preprocess=RGB, labelled=True, num_classes=2, option="--eval")
+    ds = load_dataset(class_folder, preprocess=RGB, labelled=True, num_classes=2, option="eval")
     assert isinstance(ds, Dataset)
     assert ds.kind == "images" and ds.source == str(class_folder)
     assert ds.x.shape == (5, 3, 16, 16) and ds.x.dtype == torch.float32
@@ -123,7 +123,7 @@ def test_count_and_seed_are_deterministic(class_folder: Path) -> None:
 
 def test_npz_with_labels(tmp_path: Path) -> None:
     path = _save_npz(tmp_path / "eval.npz", y=np.array([0, 1, 2, 3, 4, 9], dtype=np.int32))
-    ds = load_dataset(path, preprocess=RGB, labelled=True, num_classes=10, option="--eval")
+    ds = load_dataset(path, preprocess=RGB, labelled=True, num_classes=10, option="eval")
     assert ds.kind == "npz" and ds.classes is None
     assert ds.x.shape == (6, 3, 16, 16) and ds.x.dtype == torch.float32
     assert ds.y is not None and ds.y.dtype == torch.int64 and ds.y.tolist() == [0, 1, 2, 3, 4, 9]
@@ -186,12 +186,12 @@ def test_preprocess_overrides_win_and_round_trip() -> None:
     pre = preprocess_from_timm(model, input_size=(1, 32, 32), mean=[0.3], std=[0.4], resize=36)
     assert (pre.input_size, pre.mean, pre.std, pre.resize) == ((1, 32, 32), (0.3,), (0.4,), 36)
     assert Preprocess(**pre.to_dict()) == pre
-    with pytest.raises(DeployError, match="--mean"):
+    with pytest.raises(DeployError, match="mean"):
         preprocess_from_timm(model, input_size=(1, 32, 32))  # ImageNet's 3-value mean for 1 channel
 
 
 def test_preprocess_rejects_resize_smaller_than_crop() -> None:
-    with pytest.raises(DeployError, match="--resize 12"):
+    with pytest.raises(DeployError, match="resize 12"):
         Preprocess(input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, resize=12)
 
 
@@ -199,8 +199,8 @@ def test_preprocess_rejects_resize_smaller_than_crop() -> None:
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    message = _error(tmp_path / "nope.npz", option="--eval")
-    assert message.startswith(f"--eval {tmp_path / 'nope.npz'}: not found")
+    message = _error(tmp_path / "nope.npz", option="eval")
+    assert message.startswith(f"eval {tmp_path / 'nope.npz'}: not found")
 
 
 def test_unknown_extension(tmp_path: Path) -> None:
@@ -232,8 +232,8 @@ def test_truncated_image(class_folder: Path) -> None:
 
 def test_labelled_folder_with_loose_images(class_folder: Path) -> None:
     _image(class_folder / "loose.png", 9)
-    message = _error(class_folder, labelled=True, option="--eval")
-    assert message.startswith(f"--eval {class_folder} has no labels")
+    message = _error(class_folder, labelled=True, option="eval")
+    assert message.startswith(f"eval {class_folder} has no labels")
     assert "loose.png" in message and "sub-folder" in message
 
 
@@ -292,7 +292,7 @@ def test_unreadable_tensor_files(tmp_path: Path) -> None:
 
 def test_labels_out_of_range(tmp_path: Path) -> None:
     path = _save_npz(tmp_path / "eval.npz", y=np.array([0, 1, 2, 10, 3, 4]))
-    message = _error(path, labelled=True, num_classes=10, option="--eval")
+    message = _error(path, labelled=True, num_classes=10, option="eval")
     assert "eval.npz" in message and "label 10" in message and "index 3" in message and "[0, 10)" in message
     _save_npz(tmp_path / "neg.npz", y=np.array([0, -1, 0, 0, 0, 0]))
     assert "label -1" in _error(tmp_path / "neg.npz")
@@ -310,8 +310,8 @@ def test_bad_label_dtype_and_shape(tmp_path: Path) -> None:
 
 def test_no_labels_when_labelled(tmp_path: Path) -> None:
     path = _save_npz(tmp_path / "calib.npz")
-    message = _error(path, labelled=True, option="--eval")
-    assert message.startswith(f"--eval {path} has no labels:")
+    message = _error(path, labelled=True, option="eval")
+    assert message.startswith(f"eval {path} has no labels:")
     np.save(tmp_path / "x.npy", np.zeros((2, 3, 16, 16), dtype=np.float32))
     assert "has no labels" in _error(tmp_path / "x.npy", labelled=True)
 

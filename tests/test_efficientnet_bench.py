@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from efficientnet_lite0 import graph_agreement, pool_folds  # noqa: E402
 
-from repapq_deploy.pipeline import FP32_ONNX, QDQ_ONNX  # noqa: E402
+from repapq_deploy.export.graphs import FP32_ONNX, QDQ_ONNX  # noqa: E402
 
 
 def _row(name: str, samples: int, agreement: float, cosine: float, cosine_min: float) -> dict:

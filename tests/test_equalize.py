@@ -181,5 +181,5 @@ def test_build_default_auto_records_its_choice(example_dir, tmp_path) -> None:
     errors = choice["relative_logit_error"]
     assert set(errors) == {"none", "all"} and errors[choice["mode"]] == min(errors.values())
     assert len(calibration.get("equalize", {}).get("pairs", {})) == (8 if choice["mode"] == "all" else 0)
-    assert "--equalize auto: " + choice["mode"] in result.output
+    assert "equalize auto: " + choice["mode"] in result.output
     assert choice["seconds"] >= calibration["seconds"]

@@ -13,10 +13,11 @@ from conftest import EXAMPLE_LAYERS, EXAMPLE_SPLITS, example_act_quantizers
 from onnx import numpy_helper
 
 from repapq_deploy.calibrate import calibrate
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.errors import DeployError
 from repapq_deploy.export import check_against_torch, export_fp32, export_qdq, graph_summary
 from repapq_deploy.export.onnx import INPUT_NAME, MIN_OPSET, OUTPUT_NAME
-from repapq_deploy.quant.placement import QuantizedModel, quantize_model
+from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import QuantConfig
 
 CONFIGS = [("onnxruntime", 8), ("onnxruntime", 6), ("tensorrt", 8), ("tensorrt", 6)]
@@ -58,7 +59,7 @@ def _axis(node: onnx.NodeProto) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, fused_example, calib_x) -> dict[tuple[str, int], tuple[QuantizedModel, Graph]]:
+def exported(tmp_path_factory, fused_example, calib_x) -> dict[tuple[str, int], tuple[FakeQuantModel, Graph]]:
     gm, _ = fused_example
     out = {}
     root = tmp_path_factory.mktemp("export")
@@ -100,7 +101,7 @@ def test_old_opset_is_refused(tmp_path: Path, fused_example, calib_x) -> None:
     with pytest.raises(DeployError) as info:
         export_fp32(fused_example[0], calib_x, tmp_path / "old.onnx", opset=12)
     message = str(info.value)
-    assert "\n" not in message and message.startswith("--opset 12") and str(MIN_OPSET) in message
+    assert "\n" not in message and message.startswith("opset 12") and str(MIN_OPSET) in message
     assert not (tmp_path / "old.onnx").exists()
 
 
@@ -291,7 +292,7 @@ def test_graph_summary_of_a_handmade_graph(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def offset_exports(tmp_path_factory, offset_net) -> dict[str, tuple[QuantizedModel, Graph]]:
+def offset_exports(tmp_path_factory, offset_net) -> dict[str, tuple[FakeQuantModel, Graph]]:
     net, x = offset_net
     out, root = {}, tmp_path_factory.mktemp("offset")
     for mode in ("none", "unpadded", "all"):

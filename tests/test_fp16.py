@@ -17,11 +17,11 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from repapq_deploy.calibrate import calibrate
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.errors import DeployError
 from repapq_deploy.export import export_qdq
 from repapq_deploy.export.fp16 import OPSET_UPGRADE_KEY, convert_to_fp16, fp16_report
 from repapq_deploy.export.onnx import INPUT_NAME
-from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16

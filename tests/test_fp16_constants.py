@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from fp16_constants import rounded_constants, run  # noqa: E402
 
 from repapq_deploy.calibrate import calibrate  # noqa: E402
+from repapq_deploy.calibrate.prepare import quantize_model  # noqa: E402
 from repapq_deploy.export import export_qdq  # noqa: E402
-from repapq_deploy.quant.placement import quantize_model  # noqa: E402
 from repapq_deploy.quant.scheme import QuantConfig  # noqa: E402
 
 

@@ -155,7 +155,8 @@ def test_bench_engine_with_interleaved_reference(build_dir, tmp_path):
     for entry in data["batches"].values():
         e = entry["engine"]
         assert e["iterations"] == 15 and 0 < e["p50_ms"] <= e["p90_ms"] <= e["p99_ms"]
-        assert entry["speedup"] == pytest.approx(entry["reference"]["p50_ms"] / e["p50_ms"])
+        # the paired speed-up (median of per-iteration ratios), close to the ratio of the medians
+        assert entry["speedup"] == pytest.approx(entry["reference"]["p50_ms"] / e["p50_ms"], rel=0.5)
     assert data["backend"] == "onnxruntime"
     assert data["hardware"]["cores"] >= 1 and data["versions"]["onnxruntime"]
 

@@ -8,8 +8,8 @@ import torch.nn as nn
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
 from repapq_deploy.calibrate.gptq import gptq_round, gptq_unit, input_moments
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.quant.fakequant import QuantConv2d
-from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import PROFILES, QuantConfig
 
 W8 = PROFILES["tensorrt"].weight_format(8)
@@ -104,8 +104,8 @@ def test_cli_gptq_reaches_the_recipe_and_the_engine_matches(tmp_path, example_di
     assert report["calibration"]["details"]["settings"]["gptq"] is True
     assert report["accuracy"]["fake_quant_engine_agreement_top1"] == 100.0
     result = runner.invoke(main, ["build", *common, "--method", "brecq", "--gptq", "--out", str(tmp_path / "bad")])
-    assert result.exit_code != 0 and "--gptq and --adaround" in result.output
+    assert result.exit_code != 0 and "recipe key gptq and recipe key adaround" in result.output
     assert not (tmp_path / "bad").exists()  # refused before any stage ran
     result = runner.invoke(main, ["build", *common, "--method", "minmax", "--gptq", "--out", str(tmp_path / "bad")])
-    assert result.exit_code != 0 and "--gptq applies to reconstruction methods" in result.output
+    assert result.exit_code != 0 and "recipe key gptq applies to reconstruction methods" in result.output
     assert not (tmp_path / "bad").exists()

@@ -17,10 +17,10 @@ import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
 from repapq_deploy.calibrate import calibrate
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.errors import DeployError
 from repapq_deploy.export import export_qdq
 from repapq_deploy.export.lint import RULES, TARGETS, Violation, lint_model
-from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
 

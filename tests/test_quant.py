@@ -14,9 +14,10 @@ import torch.nn as nn
 from conftest import EXAMPLE_SPLITS, example_act_quantizers
 from onnx import TensorProto, helper, numpy_helper
 
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.errors import DeployError
 from repapq_deploy.quant.fakequant import ActQuantizer, QuantConv2d, QuantLinear, fake_quant
-from repapq_deploy.quant.placement import QuantizedModel, quantize_model
+from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import PROFILES, IntFormat, QuantConfig
 
 # ------------------------------------------------------------------------------------ integer formats
@@ -179,12 +180,12 @@ def test_fake_quant_straight_through_gradient() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "option"), [
-    ({"bits": 4}, "--bits 4"),
-    ({"first_last_bits": 4}, "--first-last-bits 4"),
-    ({"add_bits": 7}, "--add-bits 7"),
-    ({"profile": "tflite"}, "--profile tflite"),
-    ({"offset_relu": "some"}, "--offset-relu some"),
-    ({"profile": "onnxruntime", "offset_relu": "all"}, "--offset-relu all"),  # uint8 there already
+    ({"bits": 4}, "bits 4"),
+    ({"first_last_bits": 4}, "first_last_bits 4"),
+    ({"add_bits": 7}, "add_bits 7"),
+    ({"profile": "tflite"}, "profile tflite"),
+    ({"offset_relu": "some"}, "offset_relu some"),
+    ({"profile": "onnxruntime", "offset_relu": "all"}, "offset_relu all"),  # uint8 there already
 ])
 def test_quant_config_rejects(kwargs: dict, option: str) -> None:
     with pytest.raises(DeployError) as info:
@@ -196,11 +197,11 @@ def test_quant_config_rejects(kwargs: dict, option: str) -> None:
 # ------------------------------------------------------------------------------------ placement
 
 
-def _act_calls(qm: QuantizedModel) -> list[fx.Node]:
+def _act_calls(qm: FakeQuantModel) -> list[fx.Node]:
     return [n for n in qm.module.graph.nodes if n.op == "call_module" and n.target in qm.act_quantizers]
 
 
-def _input_quantizer_of(qm: QuantizedModel, layer: str) -> ActQuantizer:
+def _input_quantizer_of(qm: FakeQuantModel, layer: str) -> ActQuantizer:
     node = next(n for n in qm.module.graph.nodes if n.op == "call_module" and n.target == layer)
     src = node.args[0]
     assert src.op == "call_module" and src.target in qm.act_quantizers, f"{layer}'s input is not quantized"
@@ -208,7 +209,7 @@ def _input_quantizer_of(qm: QuantizedModel, layer: str) -> ActQuantizer:
 
 
 @pytest.fixture(scope="module")
-def example_qms(fused_example) -> dict[tuple[str, int], QuantizedModel]:
+def example_qms(fused_example) -> dict[tuple[str, int], FakeQuantModel]:
     gm, _ = fused_example
     return {(p, b): quantize_model(gm, QuantConfig(p, b, 8)) for p in ("onnxruntime", "tensorrt") for b in (8, 6)}
 
@@ -302,12 +303,12 @@ def test_six_bit_with_eight_bit_first_and_last(fused_example, example_qms, profi
 
 
 @pytest.fixture(scope="module")
-def resnet_qms(fused_resnet18) -> dict[str, QuantizedModel]:
+def resnet_qms(fused_resnet18) -> dict[str, FakeQuantModel]:
     gm, _ = fused_resnet18
     return {p: quantize_model(gm, QuantConfig(p)) for p in ("onnxruntime", "tensorrt")}
 
 
-def _adds(qm: QuantizedModel) -> list[fx.Node]:
+def _adds(qm: FakeQuantModel) -> list[fx.Node]:
     return [n for n in qm.module.graph.nodes if _is_add(n)]
 
 
@@ -315,7 +316,7 @@ def _is_add(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
 
 
-def _is_act_quant(qm: QuantizedModel, arg) -> bool:
+def _is_act_quant(qm: FakeQuantModel, arg) -> bool:
     return isinstance(arg, fx.Node) and arg.op == "call_module" and arg.target in qm.act_quantizers
 
 
@@ -397,7 +398,7 @@ def test_scales_roundtrip_and_mismatch(example_qms) -> None:
     with pytest.raises(DeployError) as info:
         qm.load_scales({k: v for k, v in scales.items() if k != "act_quant_0.act"})
     message = str(info.value)
-    assert "\n" not in message and "act_quant_0.act" in message and "--force" in message
+    assert "\n" not in message and "act_quant_0.act" in message and "force" in message
 
 
 # ------------------------------------------------------------------------------ identity split decision

@@ -14,10 +14,10 @@ from conftest import EXAMPLE_SPLITS
 
 from repapq_deploy.calibrate import calibrate
 from repapq_deploy.calibrate import reconstruct as R
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.errors import DeployError
 from repapq_deploy.export import check_against_torch, export_qdq
 from repapq_deploy.load import lift_exported
-from repapq_deploy.quant.placement import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam import fuse_model
 
@@ -169,7 +169,7 @@ def test_unknown_preset(fused_example, calib_x):
     from repapq_deploy.errors import DeployError
 
     gm, _ = fused_example
-    with pytest.raises(DeployError, match="--preset"):
+    with pytest.raises(DeployError, match="preset"):
         calibrate(quantize_model(gm, QuantConfig()), calib_x, "repapq", preset="ultra")
 
 
@@ -242,7 +242,7 @@ def test_reconstruction_options_refused_for_range_methods(fused_example, calib_x
     from repapq_deploy.errors import DeployError
 
     gm, _ = fused_example
-    with pytest.raises(DeployError, match="--adaround applies to reconstruction methods"):
+    with pytest.raises(DeployError, match="adaround applies to reconstruction methods"):
         calibrate(quantize_model(gm, QuantConfig()), calib_x, "minmax", overrides={"adaround": True})
 
 
@@ -384,5 +384,5 @@ def test_soup_is_the_mean_of_runs_on_successive_batch_draws(fused_example, calib
         assert torch.allclose(soup[k], (first[k] + second[k]) / 2, rtol=1e-5, atol=1e-7), k
     with pytest.raises(DeployError, match="soup 0"):
         R.check_settings(replace(settings, soup=0))
-    with pytest.raises(DeployError, match="no-adaround"):
+    with pytest.raises(DeployError, match="adaround off"):
         R.check_settings(replace(settings, soup=2, adaround=True))

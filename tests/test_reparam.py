@@ -249,7 +249,7 @@ class _SamePadNet(nn.Module):
 def test_conv_subclass_with_its_own_forward_is_lifted_to_modules() -> None:
     from conftest import randomize_bn
 
-    from repapq_deploy.quant.placement import quantize_model
+    from repapq_deploy.calibrate.prepare import quantize_model
     from repapq_deploy.quant.scheme import QuantConfig
 
     torch.manual_seed(0)

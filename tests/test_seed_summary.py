@@ -1,4 +1,4 @@
-"""benchmarks/seed_summary.py: pooling calibration.py runs, on the committed session-16 seed runs."""
+"""benchmarks/seed_summary.py: pooling calibration.py runs, on the committed seed runs."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_runs_with_other_weights_are_refused_even_at_equal_fp32(tmp_path: Path) 
 
 
 def test_a_cuda_run_pools_with_the_cpu_runs_of_the_same_weights() -> None:
-    cuda = BENCH / "results" / "calibration_cuda" / "session27_repvgg_a0"
+    cuda = BENCH / "results" / "calibration_cuda" / "repvgg_a0"
     dirs = [SEEDS / "amd_eqall_t2_seed2", cuda]
     cells = {(c["method"], c["preset"], c["setting"], c["profile"]): c
              for c in summarize(load_runs(dirs, "repvgg_a0"), TARGETS)}
@@ -71,7 +71,7 @@ def test_a_cuda_run_pools_with_the_cpu_runs_of_the_same_weights() -> None:
 
 
 def test_a_draw_in_two_folders_counts_once(capsys: pytest.CaptureFixture[str]) -> None:
-    # session 15's seed-0 run holds a one-thread fast W6A6 build; session 29 built the same draw again
+    # the one-thread seed-0 run holds a fast W6A6 build; the fast-only folder built the same draw again
     dirs = [SEEDS / "amd_eqall_seed0", SEEDS / "amd_repvgg_w6trt_fast_t1_seed0",
             SEEDS / "amd_repvgg_w6trt_fast_t1_seed1"]
     cells = {(c["method"], c["preset"], c["setting"], c["profile"]): c
@@ -82,7 +82,7 @@ def test_a_draw_in_two_folders_counts_once(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_paired_differences_match_the_rows() -> None:
-    # the ten CPU draws of session 27 that both RepAPQ and BRECQ have on mobileone_s0 W6A6 ONNX Runtime
+    # the ten CPU draws that both RepAPQ and BRECQ have on mobileone_s0 W6A6 ONNX Runtime
     dirs = ([SEEDS / f"amd_mobileone_{t}seed{n}" for t in ("", "t2_") for n in range(3)]
             + [SEEDS / f"amd_mobileone_{k}_t2_seed{n}" for k in ("brecq", "w6ort") for n in range(3, 7)])
     cells = summarize(load_runs(dirs, "mobileone_s0"), TARGETS)
@@ -96,7 +96,7 @@ def test_paired_differences_match_the_rows() -> None:
              for r in by_key[("brecq (equalize all)", "default", "W6A6", "onnxruntime")]["runs"]]
     assert p["mean_diff_pp"] == pytest.approx(statistics.fmean(diffs))
     assert p["sem_pp"] == pytest.approx(statistics.stdev(diffs) / 10 ** 0.5)
-    # the session-27 figure quoted in docs/benchmarks.md
+    # the figure quoted in docs/benchmarks.md
     assert round(p["mean_diff_pp"], 3) == 0.039 and round(p["sem_pp"], 3) == 0.027
     # W8A8 rows of one method only: nothing to pair
     assert not any(q["setting"] == "W8A8" for q in pairs.values())

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from repapq_deploy.calibrate import calibrate
-from repapq_deploy.quant.placement import quantize_model
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.quant.scheme import QuantConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))

@@ -379,7 +379,7 @@ def test_summarize_layers_names_unfused_offset_relu_ops():
     s = summarize_layers(info)
     assert s["unfused_offsets"] == ["PWN(/reparam_conv_2/Conv_offset_border)"]
     notes = engine_info("m.plan", s).notes
-    assert any(n.startswith("--offset-relu border maps not fused") and "reparam_conv_2" in n for n in notes)
+    assert any(n.startswith("offset_relu border maps not fused") and "reparam_conv_2" in n for n in notes)
     assert summarize_layers({"Layers": ["/reparam_conv_1/Conv + /reparam_conv_1/Conv_offset_border"]})[
         "unfused_offsets"] == []
 
@@ -425,7 +425,7 @@ def test_backend_fits_the_registry_shape():
 def test_unavailable_and_build_fails_clearly_without_tensorrt(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, even where installed
     assert TensorRTBackend.available() is False
-    with pytest.raises(DeployError, match=r"TensorRT is not available here .*--backend onnxruntime") as exc:
+    with pytest.raises(DeployError, match=r"TensorRT is not available here .*backend onnxruntime") as exc:
         TensorRTBackend().build(conv_onnx(tmp_path / "m.onnx"), tmp_path / "m.plan")
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "m.plan").exists()
@@ -734,8 +734,8 @@ class SmallNet(nn.Module):
 def graphs(tmp_path_factory):
     """(input batch, FP32 ONNX, TensorRT-profile QDQ ONNX) of a small calibrated conv net."""
     from repapq_deploy.calibrate import calibrate
+    from repapq_deploy.calibrate.prepare import quantize_model
     from repapq_deploy.export import export_fp32, export_qdq
-    from repapq_deploy.quant.placement import quantize_model
     from repapq_deploy.quant.scheme import QuantConfig
 
     torch.manual_seed(0)

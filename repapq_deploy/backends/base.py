@@ -16,15 +16,22 @@ from repapq_deploy.progress import track
 
 @dataclass
 class EngineInfo:
-    """What a build produced and how much of it runs in integer kernels."""
+    """What a build produced and how much of it runs in integer kernels.
+
+    ``int8_op_fraction`` is the share of conv/gemm ops observed running as integer kernels (in ONNX
+    Runtime's optimized graph, in TensorRT's engine inspector); None where no integer kernel can be
+    observed (reference execution). ``qdq_coverage`` is the share of conv/gemm ops whose inputs are
+    quantized in the graph: what an explicit-quantization backend would run in INT8.
+    """
 
     backend: str
     path: str
-    integer_ops: int
-    float_ops: int
-    int8_op_fraction: float
+    integer_ops: int | None
+    float_ops: int | None
+    int8_op_fraction: float | None
     op_counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    qdq_coverage: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -150,16 +150,16 @@ class OnnxRuntimeReferenceBackend(OnnxRuntimeBackend):
         return self._info(engine_path)
 
     def _info(self, engine_path: Path) -> EngineInfo:
-        # The fraction here is of convs/gemms whose inputs are quantized in the graph: what an
-        # explicit-quantization backend (TensorRT) would run in INT8.
+        # Reference execution runs float kernels only, so no integer-kernel share exists to report;
+        # the Q/DQ coverage says what an explicit-quantization backend (TensorRT) would run in INT8.
         model = onnx.load(str(engine_path))
         producers = {o: n.op_type for n in model.graph.node for o in n.output}
         ops = Counter(n.op_type for n in model.graph.node)
         weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
         quantized = sum(all(producers.get(i) == "DequantizeLinear" for i in n.input[:2]) for n in weighted)
         notes = ["reference execution: float kernels between Q/DQ pairs; latency is not INT8 latency"]
-        return EngineInfo(self.name, str(engine_path), quantized, len(weighted) - quantized,
-                          quantized / len(weighted) if weighted else 0.0, dict(sorted(ops.items())), notes)
+        return EngineInfo(self.name, str(engine_path), None, None, None, dict(sorted(ops.items())), notes,
+                          qdq_coverage=quantized / len(weighted) if weighted else 0.0)
 
     def runner(self, engine_path: Path) -> Runner:
         return OrtRunner(engine_path, optimize=False)

@@ -381,7 +381,7 @@ def engine_info(path: str | Path, summary: dict, notes: list[str] | None = None)
     if summary["unfused_clips"]:
         notes.append(f"Clip layers not fused into their conv: {_names(summary['unfused_clips'])}")
     if summary.get("unfused_offsets"):
-        notes.append("--offset-relu border maps not fused into their conv (an extra pass over its output "
+        notes.append("offset_relu border maps not fused into their conv (an extra pass over its output "
                      f"each): {_names(summary['unfused_offsets'])}")
     return EngineInfo("tensorrt", str(path), integer, floating,
                       integer / (integer + floating) if integer + floating else 0.0,
@@ -397,7 +397,7 @@ def import_tensorrt() -> ModuleType:
     except Exception as exc:  # not only ImportError: a wheel without its CUDA libraries fails in other ways
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         raise DeployError(f"TensorRT is not available here (import tensorrt: {reason}); install repapq-deploy[gpu] "
-                          "on a host with an NVIDIA GPU, or use --backend onnxruntime") from exc
+                          "on a host with an NVIDIA GPU, or use `backend` onnxruntime") from exc
     return trt
 
 
@@ -406,7 +406,7 @@ def require_tensorrt() -> ModuleType:
     trt = import_tensorrt()
     if not torch.cuda.is_available():
         raise DeployError("TensorRT needs an NVIDIA GPU, and PyTorch sees no CUDA device here; "
-                          "use --backend onnxruntime")
+                          "use `backend` onnxruntime")
     return trt
 
 

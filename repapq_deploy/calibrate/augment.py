@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from repapq_deploy.errors import DeployError
+from repapq_deploy.errors import ConfigError, DeployError
 
 SHIFT = 2  # pixels, as the reference models' training augmentation
 
@@ -53,11 +53,11 @@ def augment(data: torch.Tensor, names: Sequence[str], seed: int) -> torch.Tensor
     the images, their mirror images, and shifted copies of both (4x the images)."""
     unknown = [n for n in names if n not in AUGMENTATIONS]
     if unknown:
-        raise DeployError(f"--calib-augment {','.join(unknown)}: unknown; choose from {', '.join(AUGMENTATIONS)}")
+        raise ConfigError(f"`calib_augment` {','.join(unknown)}: unknown; choose from {', '.join(AUGMENTATIONS)}")
     if not names:
         return data
     if data.dim() != 4:
-        raise DeployError(f"--calib-augment needs image input (N, C, H, W); got shape {tuple(data.shape)}")
+        raise DeployError(f"`calib_augment` needs image input (N, C, H, W); got shape {tuple(data.shape)}")
     generator = torch.Generator().manual_seed(seed)
     views = [data]
     for name in names:

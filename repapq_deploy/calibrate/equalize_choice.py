@@ -1,10 +1,10 @@
-"""``--equalize auto``: which cross-layer equalization a model gets, measured on the calibration images.
+"""Recipe key ``equalize: auto``: which cross-layer equalization a model gets, measured on calibration images.
 
-Equalizing a conv pair whose second conv is dense moves precision from its weights to the
-activation between them (docs/method.md §0b). Whether that pays depends on the model and the grid:
+Equalizing a conv pair whose second conv is dense moves precision from its weights to the activation
+between them (docs/method.md, "Cross-layer equalization"). Whether that pays depends on the model and the grid:
 on `mobileone_s0` at W6A6 rescaling every pair halves plain min-max's loss against depthwise pairs
 only, while on `repvgg_a0` at W6A6 it costs a range method 3-4 pp of top-1 that the unequalized
-model does not lose (docs/benchmarks.md, session 20). Reconstruction (repapq, brecq) relearns the
+model does not lose (docs/benchmarks.md, "What each part of RepAPQ buys"). Reconstruction (repapq, brecq) relearns the
 weights and step sizes and was measured with every pair rescaled over three seeds, so it keeps
 ``all``; a range method sets its ranges once, so ``auto`` calibrates it under each distinct mode and
 keeps the one whose logits are closest to the FP32 model's on the calibration images.
@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 
 from repapq_deploy.calibrate.methods import CalibrationResult, calibrate
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION
 from repapq_deploy.quant.identity_split import decide_identity_split
-from repapq_deploy.quant.placement import QuantizedModel, quantize_model
+from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import QuantConfig
 from repapq_deploy.reparam.equalize import EqualizeReport, equalize
 
@@ -38,7 +39,7 @@ class Calibrated:
     equalized: EqualizeReport
     qconfig: QuantConfig
     split_errors: dict[str, tuple[float, float]]
-    qm: QuantizedModel
+    qm: FakeQuantModel
     result: CalibrationResult
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from repapq_deploy.calibrate.observer import HistogramObserver
-from repapq_deploy.errors import DeployError
+from repapq_deploy.errors import BackendUnavailableError, ConfigError
 from repapq_deploy.progress import track
-from repapq_deploy.quant.placement import QuantizedModel
+from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import IntFormat
 
 _EPS = 1e-8
@@ -168,18 +168,18 @@ class CalibrationResult:
 
 
 @torch.no_grad()
-def _run(qm: QuantizedModel, data: torch.Tensor, batch_size: int, description: str, device: str) -> None:
+def _run(qm: FakeQuantModel, data: torch.Tensor, batch_size: int, description: str, device: str) -> None:
     batches = range(0, len(data), batch_size)
     for i in track(batches, description, total=len(batches)):
         qm.module(data[i:i + batch_size].to(device))
 
 
 def resolve_device(device: str) -> str:
-    """Validate ``--device``."""
+    """Validate ``device``."""
     if device not in ("cpu", "cuda"):
-        raise DeployError(f"--device {device}: choose cpu or cuda")
+        raise ConfigError(f"`device` {device}: choose cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise DeployError("--device cuda: no CUDA device is visible to PyTorch; use --device cpu")
+        raise BackendUnavailableError("`device` cuda: no CUDA device is visible to PyTorch; use `device` cpu")
     return device
 
 
@@ -189,7 +189,7 @@ def calibration_numerics(device: str) -> Iterator[None]:
 
     TF32 (PyTorch's default for cuDNN convs) rounds products to a 10-bit mantissa, ~1e-3 relative
     error in the FP32 targets -- as large as the 8-bit quantization error being minimised; cuDNN's
-    autotuned and atomics-based kernels would make ``--seed`` meaningless on a GPU.
+    autotuned and atomics-based kernels would make ``seed`` meaningless on a GPU.
     """
     if device != "cuda":
         yield
@@ -210,7 +210,7 @@ def calibration_numerics(device: str) -> Iterator[None]:
         torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
 
 
-def set_ranges(qm: QuantizedModel, data: torch.Tensor, act: RangeMethod, weight: RangeMethod,
+def set_ranges(qm: FakeQuantModel, data: torch.Tensor, act: RangeMethod, weight: RangeMethod,
                batch_size: int = 32, device: str = "cpu") -> None:
     """Set every scale from calibration statistics: activations with ``act``, weights with ``weight``.
 
@@ -238,7 +238,7 @@ def set_ranges(qm: QuantizedModel, data: torch.Tensor, act: RangeMethod, weight:
     qm.set_mode("quant")
 
 
-def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: int = 32,
+def calibrate(qm: FakeQuantModel, data: torch.Tensor, method: str, batch_size: int = 32,
               device: str = "cpu", preset: str = "default", seed: int = 0,
               overrides: dict | None = None) -> CalibrationResult:
     """Set every scale of ``qm`` from ``data`` with ``method``; leaves ``qm`` in ``quant`` mode on the CPU.
@@ -248,7 +248,7 @@ def calibrate(qm: QuantizedModel, data: torch.Tensor, method: str, batch_size: i
     from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_recipe, reconstruct
 
     if method not in METHODS and method not in RECONSTRUCTION:
-        raise DeployError(f"--method {method}: unknown; choose one of {', '.join(all_methods())}")
+        raise ConfigError(f"`method` {method}: unknown; choose one of {', '.join(all_methods())}")
     device = resolve_device(device)
     t0 = time.perf_counter()
     details: dict = {}

@@ -35,10 +35,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from repapq_deploy.calibrate.augment import augment
 from repapq_deploy.calibrate.gptq import gptq_unit
 from repapq_deploy.calibrate.methods import METHODS, set_ranges
-from repapq_deploy.errors import DeployError
+from repapq_deploy.errors import ConfigError, DeployError
 from repapq_deploy.progress import console, log
 from repapq_deploy.quant.fakequant import ActQuantizer, QuantConv2d, QuantLinear
-from repapq_deploy.quant.placement import QuantizedModel, op_kind
+from repapq_deploy.quant.placement import FakeQuantModel, op_kind
 
 
 @dataclass(frozen=True)
@@ -441,14 +441,14 @@ def _optimize(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Recon
 def check_settings(settings: ReconSettings) -> None:
     """Refuse option combinations that contradict each other."""
     if settings.gptq and settings.adaround:
-        raise DeployError("--gptq and --adaround both choose the weight rounding; use one (--no-adaround)")
+        raise ConfigError("`gptq` and `adaround` both choose the weight rounding; use one (`adaround` off)")
     if settings.soup < 1:
-        raise DeployError(f"soup {settings.soup}: the number of runs averaged per unit; use 1 or more")
+        raise ConfigError(f"soup {settings.soup}: the number of runs averaged per unit; use 1 or more")
     if settings.soup > 1 and settings.adaround:
-        raise DeployError("soup averages learned parameters, but AdaRound's rounding is a hard 0/1 choice "
-                          "per weight; use soup with --no-adaround")
+        raise ConfigError("soup averages learned parameters, but AdaRound's rounding is a hard 0/1 choice "
+                          "per weight; use soup with `adaround` off")
     if not 0 <= settings.margin_grad <= 1:
-        raise DeployError(f"margin_grad {settings.margin_grad}: a mix between uniform (0) and fully "
+        raise ConfigError(f"margin_grad {settings.margin_grad}: a mix between uniform (0) and fully "
                           f"margin-weighted (1) loss; use a value in [0, 1]")
 
 
@@ -457,18 +457,18 @@ def check_recipe(method: str, overrides: dict) -> None:
     to ``method`` or contradict each other; cheap, so a build can check before any stage runs."""
     if method not in RECONSTRUCTION:
         if overrides:
-            option = {"augment": "calib-augment"}.get(next(iter(overrides)), next(iter(overrides)))
-            raise DeployError(f"--{option} applies to reconstruction methods "
-                              f"({', '.join(RECONSTRUCTION)}), not --method {method}")
+            option = {"augment": "calib_augment"}.get(next(iter(overrides)), next(iter(overrides)))
+            raise ConfigError(f"`{option}` applies to reconstruction methods "
+                              f"({', '.join(RECONSTRUCTION)}), not `method` {method}")
         return
     check_settings(replace(RECONSTRUCTION[method], **overrides))
 
 
-def reconstruct(qm: QuantizedModel, data: torch.Tensor, base: ReconSettings, preset: str, batch_size: int,
+def reconstruct(qm: FakeQuantModel, data: torch.Tensor, base: ReconSettings, preset: str, batch_size: int,
                 device: str, seed: int) -> dict:
     """Calibrate ``qm`` on ``data`` with a reconstruction recipe; returns details for the report."""
     if preset not in PRESETS:
-        raise DeployError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"`preset` {preset}: choose one of {', '.join(PRESETS)}")
     settings = replace(base, **PRESETS[preset])
     check_settings(settings)
     torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """Calibration and evaluation data: an image folder or a tensor file, loaded as one preprocessed tensor.
 
-Accepted inputs (``--calib`` / ``--eval``):
+Accepted inputs (``calib`` / ``eval``):
 
 * an image folder (searched recursively; jpg, jpeg, png, bmp, webp). With labels, the immediate
   sub-folders are the classes, sorted by name (torchvision ``ImageFolder`` convention);
@@ -54,18 +54,18 @@ class Preprocess:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.input_size) != 3 or min(self.input_size) < 1:
-            raise DeployError(f"--input-size {_fmt(self.input_size)}: expected three positive integers C,H,W")
+            raise DeployError(f"`input_size` {_fmt(self.input_size)}: expected three positive integers C,H,W")
         c, h, w = self.input_size
         for name, values in (("mean", self.mean), ("std", self.std)):
             if len(values) != c:
-                raise DeployError(f"--{name} {_fmt(values)}: has {len(values)} value(s) but the input has "
+                raise DeployError(f"`{name}` {_fmt(values)}: has {len(values)} value(s) but the input has "
                                   f"{c} channel(s); pass one value per channel")
         if min(self.std) <= 0:
-            raise DeployError(f"--std {_fmt(self.std)}: every value must be > 0")
+            raise DeployError(f"`std` {_fmt(self.std)}: every value must be > 0")
         if not 0 < self.crop_pct <= 1:
             raise DeployError(f"crop_pct {self.crop_pct}: must be in (0, 1]")
         if self.resize is not None and self.resize < max(h, w):
-            raise DeployError(f"--resize {self.resize}: smaller than the {h}x{w} crop; "
+            raise DeployError(f"`resize` {self.resize}: smaller than the {h}x{w} crop; "
                               f"pass a value >= {max(h, w)} or leave it out")
         try:
             InterpolationMode(self.interpolation)
@@ -110,7 +110,7 @@ def preprocess_from_timm(
     cfg = resolve_data_config(model=model)
     if input_size is not None:
         if len(input_size) != 3:
-            raise DeployError(f"--input-size {_fmt(input_size)}: expected three integers C,H,W")
+            raise DeployError(f"`input_size` {_fmt(input_size)}: expected three integers C,H,W")
         cfg["input_size"] = tuple(input_size)
     channels = int(cfg["input_size"][0])
     # Overrides are applied here rather than through timm's ``args`` because timm asserts on a
@@ -148,7 +148,7 @@ def load_dataset(
     labelled: bool = False,
     num_classes: int | None = None,
     seed: int = 0,
-    option: str = "--calib",
+    option: str = "calib",
 ) -> Dataset:
     """Load an image folder or a .npz/.npy/.pt file as float32 N,C,H,W (plus int64 labels if present).
 
@@ -159,7 +159,7 @@ def load_dataset(
     the path.
     """
     source = str(path)
-    where = f"{option} {source}"
+    where = f"`{option}` {source}"
     path = Path(path)
     if count is not None and count <= 0:
         raise DeployError(f"{where}: sample count {count} must be at least 1")
@@ -315,7 +315,7 @@ def _check_x(value: object, where: str, preprocess: Preprocess) -> torch.Tensor:
                           f"{expected}, or pass an image folder")
     if x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
         raise DeployError(f"{where}: x has shape {tuple(x.shape)}, expected {expected} "
-                          "(the model's input size; see --input-size)")
+                          "(the model's input size; see `input_size`)")
     if len(x) == 0:
         raise DeployError(f"{where}: x holds no samples (shape {tuple(x.shape)}); pass a non-empty file")
     x = x.to(torch.float32)

@@ -158,7 +158,7 @@ def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:  # the converter raises RuntimeError or its own C++ errors, op by op
         raise DeployError(f"cannot upgrade the ONNX graph from opset {opset} to {FP16_OPSET}, which float16 "
                           f"QuantizeLinear/DequantizeLinear need ({str(exc).splitlines()[0][:200]}); "
-                          f"export it with --opset {FP16_OPSET}") from exc
+                          f"export it with `opset` {FP16_OPSET}") from exc
     helper.set_model_props(upgraded, {**{p.key: p.value for p in upgraded.metadata_props},
                                       OPSET_UPGRADE_KEY: str(opset)})
     return upgraded

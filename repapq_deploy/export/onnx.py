@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from repapq_deploy.artifacts import atomic_path
 from repapq_deploy.environment import ort_threads
-from repapq_deploy.errors import DeployError
-from repapq_deploy.quant.placement import QuantizedModel
+from repapq_deploy.errors import ConfigError
+from repapq_deploy.quant.placement import FakeQuantModel
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -33,7 +33,7 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 def _export(module: nn.Module, sample: torch.Tensor, path: Path, opset: int) -> None:
     if opset < MIN_OPSET:
-        raise DeployError(f"--opset {opset}: per-channel Q/DQ needs opset {MIN_OPSET} or newer")
+        raise ConfigError(f"`opset` {opset}: per-channel Q/DQ needs opset {MIN_OPSET} or newer")
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(module, (sample[:1],), str(tmp), dynamo=False, opset_version=opset,
@@ -223,7 +223,7 @@ def _offset_terms(layer: gs.Node, t: gs.Tensor, shift: float) -> tuple[np.ndarra
     return interior, -border
 
 
-# the name suffix of --offset-relu all's border-map Add, by which an engine's layer names show it
+# the name suffix of `offset_relu` all's border-map Add, by which an engine's layer names show it
 OFFSET_BORDER_SUFFIX = "_offset_border"
 
 
@@ -337,7 +337,7 @@ def export_fp32(model: nn.Module, sample: torch.Tensor, path: str | Path, opset:
     _export(model.eval(), sample, Path(path), opset)
 
 
-def export_qdq(qm: QuantizedModel, sample: torch.Tensor, path: str | Path, opset: int = 17) -> None:
+def export_qdq(qm: FakeQuantModel, sample: torch.Tensor, path: str | Path, opset: int = 17) -> None:
     """Export the calibrated model as a QDQ ONNX graph with int8 weight initializers."""
     qm.module.eval()
     qm.set_mode("quant")
@@ -370,7 +370,7 @@ def reference_session(path: str | Path | bytes) -> ort.InferenceSession:
 
 
 @torch.no_grad()
-def check_against_torch(qm: QuantizedModel, path: str | Path, data: torch.Tensor,
+def check_against_torch(qm: FakeQuantModel, path: str | Path, data: torch.Tensor,
                         batch_size: int = 64) -> ExportCheck:
     """Run ``path`` in ORT's reference mode and the fake-quant model on ``data``; compare logits."""
     session = reference_session(path)

@@ -4,7 +4,7 @@ The split trades one error for another. It takes the fused identity/diagonal out
 (the centre tap that sets a RepVGG channel's range), but the shortcut ``d * x`` it creates is one more
 tensor to quantize — and under the ONNX Runtime profile the main conv's output is requantized too,
 because QLinearAdd takes two quantized inputs. Which side wins depends on the weights, the bit width
-and the profile (``benchmarks/identity_taps.py``, 8 and 6 bits): in a trained RepVGG-A0 the split
+and the profile (``benchmarks/diagnostics/identity_taps.py``, 8 and 6 bits): in a trained RepVGG-A0 the split
 cuts every 3x3 block's output error 3-180x under both profiles; in MobileOne-S0 it cuts its 1x1
 convs' error up to 20x under the TensorRT scheme, changes it by 0.2-1.5x under ONNX Runtime's (where
 the requantized main output eats the gain), and always hurts its depthwise 3x3 convs. So each

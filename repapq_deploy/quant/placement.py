@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from repapq_deploy.errors import DeployError
 from repapq_deploy.quant.fakequant import ActQuantizer, QuantConv2d, QuantLinear
 from repapq_deploy.quant.scheme import Profile, QuantConfig
-from repapq_deploy.reparam.fuse import split_identity
 
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
 _RELU_FUNCS = {F.relu, torch.relu, F.relu6}
@@ -150,7 +149,7 @@ PLACEMENT: dict[str, Callable[[fx.Node, Profile, dict[str, nn.Module]], list[int
 
 
 @dataclass
-class QuantizedModel:
+class FakeQuantModel:
     """The fake-quant model and what the calibration and export stages need to know about it."""
 
     module: fx.GraphModule
@@ -209,7 +208,7 @@ class QuantizedModel:
         if set(scales) != expected:
             missing, extra = sorted(expected - set(scales)), sorted(set(scales) - expected)
             raise DeployError(f"quantization state does not match the model (missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}); re-run calibrate with --force")
+                              f"unexpected {extra[:3]}); re-run calibrate with `force`")
         with torch.no_grad():
             for n, q in self.act_quantizers.items():
                 q.scale.copy_(scales[f"{n}.act"])
@@ -217,17 +216,20 @@ class QuantizedModel:
                 m.weight_quantizer.scale.copy_(scales[f"{n}.weight"])
 
 
-def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
-    """Trace ``fused`` and insert weight and activation quantizers per ``config``'s profile."""
+def traced(model: nn.Module) -> fx.GraphModule:
+    """``model`` as a torch.fx graph (itself when it is one already)."""
     try:
-        gm = fused if isinstance(fused, fx.GraphModule) else fx.symbolic_trace(fused)
+        return model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
     except Exception as exc:  # tracing errors come from arbitrary user code
         raise DeployError(f"cannot trace the fused model with torch.fx ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:160]}); models with data-dependent control flow "
                           "are not supported") from exc
-    gm = copy.deepcopy(gm)  # the fused model stays as it is
-    if config.split_identity:
-        split_identity(gm, only=config.split_layers)
+
+
+def place_quantizers(fused: nn.Module, config: QuantConfig) -> FakeQuantModel:
+    """Trace ``fused`` (a copy; the model stays as it is) and insert weight and activation quantizers
+    per ``config``'s profile. Graph rewrites run before this (``calibrate.prepare``)."""
+    gm = copy.deepcopy(traced(fused))  # the fused model stays as it is
     modules = dict(gm.named_modules())
     graph = gm.graph
     profile = config.scheme
@@ -237,7 +239,7 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
         raise DeployError("the model has no Conv2d or Linear layer to quantize")
     # Literature convention: the first conv and the classifier keep first_last_bits.
     edge = {weighted[0].name, weighted[-1].name}
-    qm = QuantizedModel(gm, config)
+    qm = FakeQuantModel(gm, config)
 
     for node in weighted:
         mod = modules[node.target]
@@ -331,7 +333,7 @@ def quantize_model(fused: nn.Module, config: QuantConfig) -> QuantizedModel:
     return qm
 
 
-def _offset_relu_grids(qm: QuantizedModel, modules: dict[str, nn.Module], padded: bool) -> None:
+def _offset_relu_grids(qm: FakeQuantModel, modules: dict[str, nn.Module], padded: bool) -> None:
     """Give 8-bit non-negative quantizers the offset grid [0, 255] (IntFormat.offset) where every
     reader is a linear layer or a conv (without zero padding unless ``padded``): only those can take
     the stored tensor's -128 s back through their bias (export.onnx folds it). A pool, pad, add or

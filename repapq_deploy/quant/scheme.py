@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from repapq_deploy.errors import DeployError
+from repapq_deploy.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,14 @@ PROFILES: dict[str, Profile] = {
 # folds into their bias exactly); "all": also convs with zero padding, which get a constant border
 # map added to their output (the padded zeros would otherwise read as -128 s)
 OFFSET_RELU_MODES = ("none", "unpadded", "all")
-# what --offset-relu auto (the default) means per profile: ONNX Runtime stores post-ReLU tensors as uint8
-# already; on TensorRT, "unpadded" needs no op beyond the canonical Conv -> Q / DQ -> Conv (session 28,
-# docs/method.md), where "all" adds a border map after every padded reader
+# what `offset_relu` auto (the default) means per profile: ONNX Runtime stores post-ReLU tensors as uint8
+# already; on TensorRT, "unpadded" needs no op beyond the canonical Conv -> Q / DQ -> Conv, where "all"
+# adds a border map after every padded reader (docs/method.md)
 OFFSET_RELU_AUTO = {"tensorrt": "unpadded", "onnxruntime": "none"}
 
 
 def resolve_offset_relu(mode: str, profile: str) -> str:
-    """``--offset-relu`` as a QuantConfig takes it: ``auto`` becomes the profile's choice
+    """``offset_relu`` as a QuantConfig takes it: ``auto`` becomes the profile's choice
     (:data:`OFFSET_RELU_AUTO`); any other mode is returned as given."""
     return OFFSET_RELU_AUTO.get(profile, "none") if mode == "auto" else mode
 
@@ -129,17 +129,17 @@ class QuantConfig:
         if self.split_layers is not None:  # a list when read back from qstate.pt
             object.__setattr__(self, "split_layers", tuple(self.split_layers))
         if self.profile not in PROFILES:
-            raise DeployError(f"--profile {self.profile}: unknown; choose one of {', '.join(PROFILES)}")
-        for opt, b in (("--bits", self.bits), ("--first-last-bits", self.first_last_bits),
-                       ("--add-bits", self.add_bits)):
+            raise ConfigError(f"`profile` {self.profile}: unknown; choose one of {', '.join(PROFILES)}")
+        for opt, b in (("`bits`", self.bits), ("`first_last_bits`", self.first_last_bits),
+                       ("`add_bits`", self.add_bits)):
             if b not in (6, 8):
-                raise DeployError(f"{opt} {b}: unsupported; use 8, or 6 (emulated on 8-bit kernels)")
+                raise ConfigError(f"{opt} {b}: unsupported; use 8, or 6 (emulated on 8-bit kernels)")
         if self.offset_relu not in OFFSET_RELU_MODES:
-            raise DeployError(f"--offset-relu {self.offset_relu}: unknown; "
+            raise ConfigError(f"`offset_relu` {self.offset_relu}: unknown; "
                               f"choose one of {', '.join(OFFSET_RELU_MODES)}")
         if self.offset_relu != "none" and not self.scheme.unsigned_in_int8:
-            raise DeployError(f"--offset-relu {self.offset_relu}: only for --profile tensorrt (profile "
-                              f"{self.profile} stores post-ReLU tensors as uint8 already); use --offset-relu none")
+            raise ConfigError(f"`offset_relu` {self.offset_relu}: only for `profile` tensorrt (profile "
+                              f"{self.profile} stores post-ReLU tensors as uint8 already); use `offset_relu` none")
 
     @property
     def scheme(self) -> Profile:

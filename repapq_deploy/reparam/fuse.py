@@ -347,7 +347,7 @@ def split_identity(gm: fx.GraphModule, min_gain: float = SPLIT_MIN_GAIN,
     Fusing an identity (or BN-only) branch adds it to one tap per output channel, which then sets the
     channel's quantization range: in a trained RepVGG-A0 the centre tap is the channel maximum in
     81-95 % of the channels and 25-70 % of the other weights round to zero on the 8-bit grid
-    (``benchmarks/identity_taps.py``). The split keeps ``d`` as a depthwise 1x1 conv (one weight
+    (``benchmarks/diagnostics/identity_taps.py``). The split keeps ``d`` as a depthwise 1x1 conv (one weight
     per channel: exact on any per-channel grid) that reads the same quantized input, so only the
     remaining taps go through the weight grid. The result is the same function up to float rounding;
     the cost is one depthwise conv and an add per split block.
@@ -387,7 +387,7 @@ def split_identity(gm: fx.GraphModule, min_gain: float = SPLIT_MIN_GAIN,
             wanted.discard(node.target)
     if wanted:
         raise DeployError(f"cannot split the identity taps of {sorted(wanted)[:3]}: no such conv with an "
-                          "identity-shaped kernel in this model; re-run calibrate with --force")
+                          "identity-shaped kernel in this model; re-run calibrate with `force`")
     gm.graph.lint()
     gm.recompile()
     return split

@@ -1,7 +1,5 @@
-"""Stage 6, verify: accuracy and latency parity of the engine against the FP32 model."""
+"""Stage 6, verify: accuracy and latency parity of the engine against the FP32 model.
 
-from repapq_deploy.verify.plots import ACCURACY_PNG, LATENCY_PNG, plot_accuracy, plot_latency
-from repapq_deploy.verify.report import accuracy_metrics, predict, render_markdown
-
-__all__ = ["ACCURACY_PNG", "LATENCY_PNG", "accuracy_metrics", "plot_accuracy", "plot_latency", "predict",
-           "render_markdown"]
+``run`` (the stage), ``report`` (metrics, Markdown), ``plots``. Kept free of imports so that the
+package's public ``repapq_deploy.verify`` function can share the name (see ``repapq_deploy/__init__``).
+"""

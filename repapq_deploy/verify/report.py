@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from repapq_deploy.artifacts import write_json, write_text
 from repapq_deploy.progress import track
+from repapq_deploy.verify.plots import ACCURACY_PNG, LATENCY_PNG, plot_accuracy, plot_latency
+
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+REPORT_FILES = (REPORT_JSON, REPORT_MD, LATENCY_PNG, ACCURACY_PNG)
 
 
 def predict(fn: Callable[[np.ndarray], np.ndarray], x: torch.Tensor, description: str,
@@ -59,20 +65,35 @@ def _fmt(v, suffix: str = "", digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}{suffix}"
 
 
+REFERENCE_LABELS = {"onnxruntime-fp32": "FP32 ONNX (ONNX Runtime)", "tensorrt-fp16": "FP16 engine (TensorRT)"}
+
+
+def slower_note(speedup: dict, flops: int | None) -> str | None:
+    """Why an engine slower than its float reference is expected on a tiny model, or None."""
+    if not speedup or min(speedup.values()) >= 1.0:
+        return None
+    size = f" ({flops / 1e6:.1f} MFLOPs per image)" if flops else ""
+    return (f"the engine is slower than its float reference here: on a model this small{size} the cost of "
+            "quantizing and dequantizing activations outweighs the faster integer arithmetic; INT8 pays on "
+            "larger models and inputs (docs/benchmarks.md, speed)")
+
+
 def render_markdown(report: dict) -> str:
-    """``report.md``: the same facts as ``report.json``, for people."""
-    acc, eng, lat, cal, fuse, exp = (report[k] for k in
-                                     ("accuracy", "engine", "latency_ms", "calibration", "reparam", "export"))
-    cfg = report["config"]
+    """``report.md``: the same facts as ``report.json``, for people (also for reports of the Python API,
+    which carry no file names or hardware)."""
+    acc, eng, lat, cal, fuse = (report[k] for k in ("accuracy", "engine", "latency_ms", "calibration", "reparam"))
+    exp, cfg, data = report.get("export"), report.get("config", {}), report.get("data") or {}
+    bits, flb = cfg.get("bits"), cfg.get("first_last_bits")
+    reference = REFERENCE_LABELS.get(lat.get("reference"), "FP32 ONNX (ONNX Runtime)")
     lines = [
-        f"# repapq-deploy report: `{cfg['model']}`",
+        f"# repapq-deploy report: `{cfg.get('model', 'in-memory model')}`",
         "",
-        f"Profile **{cfg['profile']}**, W{cfg['bits']}A{cfg['bits']} (first/last layer "
-        f"{cfg['first_last_bits']}-bit), method **{cal['method']}**, engine backend **{eng['backend']}**.",
+        f"Profile **{cfg.get('profile')}**, W{bits}A{bits} (first/last layer {flb}-bit), method "
+        f"**{cal['method']}**, engine backend **{eng['backend']}**.",
         "",
         "## Accuracy",
         "",
-        f"Evaluated on {acc['samples']} samples from `{report['data']['eval']}`"
+        f"Evaluated on {acc['samples']} samples" + (f" from `{data['eval']}`" if data.get("eval") else "")
         + ("" if acc["labelled"] else " (no labels: agreement only)") + ".",
         "",
         "| model | top-1 % |",
@@ -87,29 +108,27 @@ def render_markdown(report: dict) -> str:
         f"Top-1 agreement engine vs FP32: **{_fmt(acc['agreement_top1'])} %**; mean logit cosine "
         f"{acc['cosine']:.5f} (min {acc['cosine_min']:.5f}).",
         "",
-        "![accuracy](accuracy.png)",
-        "",
+        *(["![accuracy](accuracy.png)", ""] if data else []),
         "## Latency (p50, ms per batch)",
         "",
-        "| batch | FP32 ONNX | engine | speed-up |",
+        f"| batch | {reference} | engine | speed-up |",
         "| --- | --- | --- | --- |",
     ]
-    for bs in ("bs1", "bs32"):
-        f, e = lat["fp32"][bs], lat["engine"][bs]
-        lines.append(f"| {bs[2:]} | {f:.3f} | {e:.3f} | {f / e:.2f}x |")
-    lines += [
-        "",
-        f"Measured interleaved in one run on {report['hardware']['cpu']} "
-        f"({report['hardware']['cores']} cores); both run in ONNX Runtime "
-        f"{report['versions']['onnxruntime']}.",
-        "",
-        "![latency](latency.png)",
-        "",
-        "## Engine",
-        "",
-        f"- integer conv/gemm ops: {eng['integer_ops']} of {eng['integer_ops'] + eng['float_ops']} "
-        f"(`int8_op_fraction` = {eng['int8_op_fraction']:.3f})",
-    ]
+    for bs in lat["engine"]:
+        lines.append(f"| {bs[2:]} | {lat['fp32'][bs]:.3f} | {lat['engine'][bs]:.3f} | {lat['speedup'][bs]:.2f}x |")
+    hw = report.get("hardware")
+    lines += ["", "The two are timed interleaved in one run; the speed-up is the median of their per-iteration "
+              "time ratios" + (f", on {hw['gpu'] or hw['cpu']} ({hw['cores']} CPU cores)." if hw else ".")]
+    note = slower_note(lat["speedup"], fuse.get("flops_after"))
+    if note:
+        lines += ["", f"Note: {note}."]
+    lines += [*(["", "![latency](latency.png)"] if data else []), "", "## Engine", ""]
+    if eng.get("int8_op_fraction") is not None:
+        lines.append(f"- conv/gemm ops running as integer kernels: {eng['integer_ops']} of "
+                     f"{eng['integer_ops'] + eng['float_ops']} (`int8_op_fraction` = {eng['int8_op_fraction']:.3f})")
+    else:
+        lines.append(f"- reference execution (float kernels between Q/DQ pairs): no integer kernels to count; "
+                     f"conv/gemm ops with quantized inputs: `qdq_coverage` = {eng.get('qdq_coverage') or 0:.3f}")
     lines += [f"- note: {n}" for n in eng.get("notes", [])]
     lines += [
         "",
@@ -121,12 +140,17 @@ def render_markdown(report: dict) -> str:
         f"{fuse['flops_before']:,} -> {fuse['flops_after']:,} (2 x MACs of convs and linears)",
         f"- exactness on {fuse['samples']} samples: max relative error {fuse['max_rel_error']:.2e} "
         f"(limit 1e-4)",
-        "",
-        "## Export check",
-        "",
-        f"ONNX Runtime (all optimizations off) vs PyTorch fake-quant on {exp['check']['samples']} "
-        f"calibration samples: top-1 agreement {exp['check']['agreement_top1']:.2f} %, max abs logit "
-        f"difference {exp['check']['max_abs_diff']:.3g}.",
+    ]
+    if exp:
+        lines += [
+            "",
+            "## Export check",
+            "",
+            f"ONNX Runtime (all optimizations off) vs PyTorch fake-quant on {exp['check']['samples']} "
+            f"calibration samples: top-1 agreement {exp['check']['agreement_top1']:.2f} %, max abs logit "
+            f"difference {exp['check']['max_abs_diff']:.3g}.",
+        ]
+    lines += [
         "",
         "## Calibration",
         "",
@@ -136,3 +160,11 @@ def render_markdown(report: dict) -> str:
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, engine_name: str, out: Path) -> None:
+    """Write ``report.json``, ``report.md`` and the two plots into ``out`` (each atomically)."""
+    plot_latency(report["latency_ms"], engine_name, out / LATENCY_PNG)
+    plot_accuracy(report["accuracy"], out / ACCURACY_PNG)
+    write_json(out / REPORT_JSON, report)
+    write_text(out / REPORT_MD, render_markdown(report))

@@ -1,0 +1,111 @@
+"""The calibrate stage: from a fused FP32 model and calibration images to a calibrated fake-quant model.
+
+Cross-layer equalization (``recipe.equalize``), the measured identity split, quantizer placement and
+the chosen method run here, in that order; ``save_qstate`` / ``load_qstate`` keep the result as the
+stage's artifact (``qstate.pt``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from repapq_deploy.artifacts import save_torch
+from repapq_deploy.calibrate.equalize_choice import calibrate_under, choose_equalization
+from repapq_deploy.calibrate.prepare import quantize_model
+from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_recipe
+from repapq_deploy.progress import log
+from repapq_deploy.quant.placement import FakeQuantModel
+from repapq_deploy.quant.scheme import QuantConfig, resolve_offset_relu
+from repapq_deploy.recipe import Recipe
+
+# Below this many calibration images a reconstruction method is warned about (it learns weights and
+# scales from them; the benchmarks use 1024, the bundled example 256)
+FEW_RECONSTRUCTION_IMAGES = 256
+
+
+def quant_config(profile: str, bits: int, first_last_bits: int, recipe: Recipe) -> QuantConfig:
+    """The quantization scheme a build asks for (first/last layers follow ``bits`` at 8 bits)."""
+    return QuantConfig(profile, bits, first_last_bits if bits != 8 else 8, recipe.split_identity,
+                       add_bits=recipe.add_bits, offset_relu=resolve_offset_relu(recipe.offset_relu, profile))
+
+
+def check_method(method: str, recipe: Recipe) -> None:
+    """Refuse a recipe whose reconstruction settings do not apply to ``method`` (cheap: before any work)."""
+    check_recipe(method, recipe.reconstruction_overrides())
+
+
+@dataclass
+class Calibrated:
+    """The calibrate stage's result: the fake-quant model, its scheme and the report section."""
+
+    qm: FakeQuantModel
+    config: QuantConfig
+    details: dict
+    warnings: list[str]
+
+
+def calibrate_model(fused: nn.Module, data: torch.Tensor, config: QuantConfig, method: str, recipe: Recipe,
+                    device: str = "cpu", seed: int = 0) -> Calibrated:
+    """Equalize, split, place quantizers on ``fused`` and calibrate them on ``data`` with ``method``."""
+    check_method(method, recipe)
+    args = (fused, data, config, method, recipe.batch_size, device)
+    kwargs = {"preset": recipe.preset, "seed": seed, "overrides": recipe.reconstruction_overrides()}
+    tried: dict[str, float] = {}
+    if recipe.equalize == "auto":
+        done, tried, search_seconds = choose_equalization(*args, **kwargs)
+        if tried:
+            log(f"  equalize auto: {done.mode} (relative logit error on the calibration images: "
+                + ", ".join(f"{m} {e:.2e}" for m, e in tried.items()) + f"; {search_seconds:.1f} s)")
+    else:
+        done = calibrate_under(recipe.equalize, *args, **kwargs)
+    qconfig, qm, equalized, errors = done.qconfig, done.qm, done.equalized, done.split_errors
+    if equalized.pairs:
+        log(f"  cross-layer equalization ({done.mode}): {len(equalized.pairs)} conv pairs rescaled")
+    if qconfig.split_identity:
+        log(f"  identity split: {len(qconfig.split_layers)} of {len(errors)} candidate convs "
+            f"(where it at least halves the output error)")
+    offset = sum(q.fmt.offset > 0 for q in qm.act_quantizers.values())
+    if qconfig.offset_relu != "none":
+        log(f"  offset-relu {qconfig.offset_relu}: {offset} of {len(qm.act_quantizers)} activation quantizers "
+            "on [0, 255] stored as x - 128 s")
+    out = done.result.to_dict()
+    if equalized.pairs:
+        out["equalize"] = equalized.to_dict()
+    if tried:
+        # the search's seconds include the kept mode's calibration (the result's own "seconds")
+        out["equalize_auto"] = {"mode": done.mode, "relative_logit_error": tried, "seconds": search_seconds}
+    if qconfig.offset_relu != "none":
+        out["offset_relu"] = {"offset": offset, "quantizers": len(qm.act_quantizers)}
+    if qconfig.split_identity:
+        out["identity_split"] = {n: {"relative_error": plain, "relative_error_split": split,
+                                     "split": n in qconfig.split_layers}
+                                 for n, (plain, split) in errors.items()}
+    warnings = []
+    if method in RECONSTRUCTION and len(data) < FEW_RECONSTRUCTION_IMAGES:
+        warnings.append(f"method {method} trained on only {len(data)} calibration images and can over-fit them "
+                        f"(EfficientNet-Lite0 on crops of 16-26 photos: worse than percentile); use "
+                        f"{FEW_RECONSTRUCTION_IMAGES}+ distinct images, not crops of a few, or compare with "
+                        f"method percentile")
+    out["warnings"] = warnings
+    return Calibrated(qm, qconfig, out, warnings)
+
+
+def save_qstate(calibrated: Calibrated, method: str, path: Path) -> None:
+    """Write the calibrated scales, layer tensors and scheme (``qstate.pt``), atomically."""
+    qm = calibrated.qm
+    save_torch({"scales": qm.scales(), "layers": qm.layer_tensors(), "config": calibrated.config.to_dict(),
+                "method": method}, path)
+
+
+def load_qstate(fused: nn.Module, path: Path) -> FakeQuantModel:
+    """The fake-quant model a calibrate stage left in ``path`` (``qstate.pt``), on ``fused``."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    qm = quantize_model(fused, QuantConfig(**state["config"]))
+    qm.load_scales(state["scales"])
+    qm.load_layer_tensors(state["layers"])
+    qm.set_mode("quant")
+    return qm
