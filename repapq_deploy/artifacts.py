@@ -13,7 +13,17 @@ from pathlib import Path
 
 import torch
 
-from repapq_deploy.errors import DeployError
+from repapq_deploy.errors import DeployError, InputError
+
+
+def writable_dir(path: Path, option: str) -> None:
+    """Create ``path`` if needed; an InputError naming ``option`` when it cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"`{option}` {path}: cannot create it ({exc.strerror}); pass a writable folder") from exc
+    if not os.access(path, os.W_OK):
+        raise InputError(f"`{option}` {path}: not writable; pass a writable folder")
 
 
 @contextlib.contextmanager

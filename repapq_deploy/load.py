@@ -13,7 +13,7 @@ import operator
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import repapq_deploy.models  # noqa: F401  (registers the built-in architectures with timm)
+from repapq_deploy.data.loader import Dataset, Preprocess
+from repapq_deploy.data.sources import preprocess_for
 from repapq_deploy.errors import DeployError
 from repapq_deploy.models.layouts import detect_layout, to_timm_layout
 from repapq_deploy.reparam.fuse import layer_from_weights
@@ -76,6 +78,27 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
         return _from_state_dict(path, _unwrap(obj, path), meta, arch, num_classes, in_chans, "state_dict")
     raise DeployError(f"{path}: holds a {type(obj).__name__}, not a state dict or module; "
                       "save model.state_dict() with torch.save")
+
+
+def load_with_inputs(path: str | Path, read_calib: Callable[[Preprocess], Dataset], *, arch: str | None = None,
+                     num_classes: int | None = None, in_chans: int | None = None, trust_pickle: bool = False,
+                     input_size: tuple[int, int, int] | None = None, mean: tuple[float, ...] | None = None,
+                     std: tuple[float, ...] | None = None, resize: int | None = None,
+                     sample_file: str | Path | None = None) -> tuple[LoadedModel, Preprocess, Dataset]:
+    """Load ``path``, resolve its input format and read the calibration data with it (``read_calib``).
+
+    A TorchScript file is converted by running it, so its calibration data are read first, in the
+    format the explicit values (or ``sample_file``'s shape) give.
+    """
+    explicit = {"input_size": input_size, "mean": mean, "std": std, "resize": resize, "sample_file": sample_file}
+    example = None
+    if any("/code/__torch__" in n for n in zip_names(Path(path))):
+        example = read_calib(preprocess_for(nn.Module(), timm_model=False, **explicit)).x
+    loaded = load_model(path, arch=arch, num_classes=num_classes, in_chans=in_chans, trust_pickle=trust_pickle,
+                        example_input=example)
+    preprocess = preprocess_for(loaded.module, timm_model=loaded.arch is not None, metadata=loaded.metadata,
+                                in_chans=loaded.in_chans, **explicit)
+    return loaded, preprocess, read_calib(preprocess)
 
 
 def zip_names(path: Path) -> list[str]:

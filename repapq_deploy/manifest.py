@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from repapq_deploy.artifacts import sha256_file, write_json
+from repapq_deploy.environment import code_hash
 from repapq_deploy.errors import DeployError
+from repapq_deploy.progress import log
 
 
 class Manifest:
@@ -39,6 +42,26 @@ class Manifest:
             if not path.exists() or sha256_file(path) != digest:
                 return None
         return entry.get("result", {})
+
+    def run(self, stage: str, inputs: dict[str, str], options: dict, outputs: list[str], fn: Callable[[], dict],
+            force: bool = False) -> dict:
+        """``fn()``'s result for ``stage``, or the recorded one when the stage is up to date (not ``force``);
+        a finished or failed run is recorded. Returns the result as JSON data."""
+        inputs = {**inputs, "code": code_hash()}  # a different tool version re-runs every stage
+        cached = None if force else self.up_to_date(stage, inputs, options)
+        if cached is not None:
+            log(f"[dim]{stage}: up to date, skipped[/dim]")
+            return cached
+        log(f"[bold]{stage}[/bold] ...")
+        t0 = time.perf_counter()
+        try:
+            result = fn()
+        except Exception:
+            self.record(stage, inputs, options, [], {}, time.perf_counter() - t0, status="failed")
+            raise
+        self.record(stage, inputs, options, outputs, result, time.perf_counter() - t0)
+        log(f"{stage}: done in {time.perf_counter() - t0:.1f} s")
+        return json.loads(json.dumps(result, default=str))
 
     def output_hash(self, stage: str, name: str) -> str:
         """Recorded hash of one output of an earlier stage."""

@@ -8,29 +8,24 @@ this module only orders them, caches them and records them.
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from dataclasses import fields
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from repapq_deploy.artifacts import model_digest, save_torch, sha256_path
+from repapq_deploy.artifacts import model_digest, save_torch, sha256_path, writable_dir
 from repapq_deploy.backends import get_backend, resolve_backend
 from repapq_deploy.backends.base import EngineInfo
 from repapq_deploy.backends.engine import build_engine, engine_outputs, engine_source, open_engine
 from repapq_deploy.calibrate.run import calibrate_model, check_method, load_qstate, quant_config, save_qstate
 from repapq_deploy.data.loader import Dataset, Preprocess, load_dataset
-from repapq_deploy.data.sources import preprocess_for
-from repapq_deploy.environment import code_hash, hardware, limit_threads, versions
+from repapq_deploy.environment import hardware, limit_threads, versions
 from repapq_deploy.errors import ConfigError, InputError
 from repapq_deploy.export.graphs import FP32_ONNX, export_graphs, export_outputs
-from repapq_deploy.load import load_model, zip_names
+from repapq_deploy.load import load_with_inputs
 from repapq_deploy.manifest import Manifest
 from repapq_deploy.options import BuildOptions
-from repapq_deploy.progress import log
 from repapq_deploy.reparam import fuse_model
 from repapq_deploy.verify.report import REPORT_FILES, write_report
 from repapq_deploy.verify.run import verify_engine
@@ -54,12 +49,7 @@ class Build:
         opts.out = opts.out or str(Path("engines") / Path(opts.model).name.split(".")[0])
         self.opts, self.recipe, self.out = opts, opts.recipe, Path(opts.out)
         check_method(opts.method, opts.recipe)  # before any stage writes anything
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"`out` {self.out}: cannot create it ({exc.strerror}); pass a writable folder") from exc
-        if not os.access(self.out, os.W_OK):
-            raise InputError(f"`out` {self.out}: not writable; pass a writable folder")
+        writable_dir(self.out, "out")
         limit_threads(opts.threads)
         self.engine_backend, self.profile = resolve_backend(opts.backend, opts.profile)
         self.qconfig = quant_config(self.profile, opts.bits, opts.first_last_bits, opts.recipe)
@@ -98,22 +88,7 @@ class Build:
         return self.dataset("calib", Preprocess(**self.results["reparam"]["preprocess"]))
 
     def _stage(self, name: str, inputs: dict[str, str], options: dict, outputs: list[str], fn) -> dict:
-        inputs = {**inputs, "code": code_hash()}  # a different tool version re-runs every stage
-        cached = None if self.opts.force else self.manifest.up_to_date(name, inputs, options)
-        if cached is not None:
-            log(f"[dim]{name}: up to date, skipped[/dim]")
-            self.results[name] = cached
-        else:
-            log(f"[bold]{name}[/bold] ...")
-            t0 = time.perf_counter()
-            try:
-                result = fn()
-            except Exception:
-                self.manifest.record(name, inputs, options, [], {}, time.perf_counter() - t0, status="failed")
-                raise
-            self.manifest.record(name, inputs, options, outputs, result, time.perf_counter() - t0)
-            self.results[name] = json.loads(json.dumps(result, default=str))
-            log(f"{name}: done in {time.perf_counter() - t0:.1f} s")
+        self.results[name] = self.manifest.run(name, inputs, options, outputs, fn, self.opts.force)
         self.warnings += self.results[name].get("warnings", [])
         return self.results[name]
 
@@ -131,23 +106,15 @@ class Build:
 
     def _run_reparam(self) -> dict:
         o = self.opts
-        torchscript = any("/code/__torch__" in n for n in zip_names(Path(o.model)))
-        fallback = preprocess_for(torch.nn.Module(), timm_model=False, input_size=o.input_size, mean=o.mean,
-                                  std=o.std, resize=self.recipe.resize, sample_file=o.calib)
-        loaded = load_model(o.model, arch=o.arch, num_classes=o.num_classes, in_chans=o.in_chans,
-                            trust_pickle=o.trust_pickle,
-                            example_input=self.dataset("calib", fallback).x if torchscript else None)
-        preprocess = preprocess_for(loaded.module, timm_model=loaded.arch is not None, metadata=loaded.metadata,
-                                    in_chans=loaded.in_chans, input_size=o.input_size, mean=o.mean, std=o.std,
-                                    resize=self.recipe.resize, sample_file=o.calib)
-        self.__dict__["calib_data"] = samples = self.dataset("calib", preprocess)
-        fused, report = fuse_model(loaded.module, samples.x[:EXACTNESS_SAMPLES])
-        num_classes = loaded.num_classes
-        if num_classes is None:
-            with torch.no_grad():
-                num_classes = int(fused(samples.x[:1]).shape[1])
-        save_torch(fused, self.out / FUSED)
-        self._fused = fused
+        loaded, preprocess, samples = load_with_inputs(
+            o.model, lambda p: self.dataset("calib", p), arch=o.arch, num_classes=o.num_classes, in_chans=o.in_chans,
+            trust_pickle=o.trust_pickle, input_size=o.input_size, mean=o.mean, std=o.std, resize=self.recipe.resize,
+            sample_file=o.calib)
+        self.__dict__["calib_data"] = samples
+        self._fused, report = fuse_model(loaded.module, samples.x[:EXACTNESS_SAMPLES])
+        save_torch(self._fused, self.out / FUSED)
+        with torch.no_grad():
+            num_classes = loaded.num_classes or int(self._fused(samples.x[:1]).shape[1])
         return {"load": {**loaded.describe(), "num_classes": num_classes}, "preprocess": preprocess.to_dict(),
                 **report.to_dict()}
 

@@ -104,7 +104,7 @@ def test_every_stage_command_shares_the_build_options() -> None:
 
 
 def test_cli_constants_match_the_library() -> None:
-    from repapq_deploy.calibrate.methods import all_methods
+    from repapq_deploy.calibrate.registry import all_methods
     from repapq_deploy.pipeline import STAGES as PIPELINE_STAGES
 
     assert set(METHODS) == set(all_methods()) and STAGES == PIPELINE_STAGES

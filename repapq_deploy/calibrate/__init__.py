@@ -1,5 +1,6 @@
-"""Calibration methods: each is a registry entry behind one interface (``calibrate()``)."""
+"""Calibration methods: each is a registry entry behind one interface (``calibrate.registry``)."""
 
-from repapq_deploy.calibrate.methods import METHODS, calibrate
+from repapq_deploy.calibrate.methods import METHODS
+from repapq_deploy.calibrate.registry import all_methods, calibrate, calibrator
 
-__all__ = ["METHODS", "calibrate"]
+__all__ = ["METHODS", "all_methods", "calibrate", "calibrator"]

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from repapq_deploy.calibrate.methods import CalibrationResult, calibrate
+from repapq_deploy.calibrate.methods import CalibrationResult
 from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION
+from repapq_deploy.calibrate.registry import calibrate
 from repapq_deploy.quant.identity_split import decide_identity_split
 from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import QuantConfig

@@ -1,18 +1,16 @@
 """Range-setting calibration methods (min-max, percentile, entropy, MSE, MAE) behind one interface.
 
 Each method turns an activation histogram into a clipping value ``amax`` and a weight tensor into
-per-channel ``amax`` values; the scale is ``amax / qmax`` of the tensor's integer grid.
-Reconstruction methods (``repapq``, ``brecq``) register into the same table.
+per-channel ``amax`` values; the scale is ``amax / qmax`` of the tensor's integer grid. The calibrator
+registry (``calibrate.registry``) offers them beside the reconstruction methods.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import resource
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -236,41 +234,3 @@ def set_ranges(qm: FakeQuantModel, data: torch.Tensor, act: RangeMethod, weight:
             w = layer.weight.detach().reshape(layer.weight.shape[0], -1).cpu()
             wq.scale.copy_(scale_from_amax(weight.weight_amax(w, wq.fmt), wq.fmt.qmax).to(wq.scale.device))
     qm.set_mode("quant")
-
-
-def calibrate(qm: FakeQuantModel, data: torch.Tensor, method: str, batch_size: int = 32,
-              device: str = "cpu", preset: str = "default", seed: int = 0,
-              overrides: dict | None = None) -> CalibrationResult:
-    """Set every scale of ``qm`` from ``data`` with ``method``; leaves ``qm`` in ``quant`` mode on the CPU.
-
-    ``overrides`` change fields of a reconstruction method's settings (e.g. ``adaround``, ``qdrop``).
-    """
-    from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_recipe, reconstruct
-
-    if method not in METHODS and method not in RECONSTRUCTION:
-        raise ConfigError(f"`method` {method}: unknown; choose one of {', '.join(all_methods())}")
-    device = resolve_device(device)
-    t0 = time.perf_counter()
-    details: dict = {}
-    check_recipe(method, overrides or {})
-    with calibration_numerics(device):
-        if method in METHODS:
-            set_ranges(qm, data, METHODS[method], METHODS[method], batch_size, device)
-        else:
-            details = reconstruct(qm, data, replace(RECONSTRUCTION[method], **(overrides or {})), preset,
-                                  batch_size, device, seed)
-    qm.module.cpu()
-    qm.set_mode("quant")
-    # the process's high-water mark so far (loading, fusing and calibrating; not yet exporting)
-    details["peak_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device == "cuda":
-        details["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    return CalibrationResult(method, len(data), time.perf_counter() - t0,
-                             len(qm.act_quantizers), len(qm.weight_layers), details)
-
-
-def all_methods() -> list[str]:
-    """Every calibration method name: range methods and reconstruction methods."""
-    from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION
-
-    return sorted(METHODS) + sorted(RECONSTRUCTION)
