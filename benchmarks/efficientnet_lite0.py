@@ -233,7 +233,7 @@ def summarise(report: dict, seconds: float) -> dict:
         "latency_ms": {"reference": lat.get("reference"), "fp32": lat["fp32"], "engine": lat["engine"],
                        "speedup": lat["speedup"]},
         "calibration": {k: report["calibration"].get(k)
-                        for k in ("method", "images", "seconds", "offset_relu", "equalize_auto")},
+                        for k in ("method", "images", "seconds", "offset_relu", "equalize_auto", "choice")},
         "warnings": report.get("warnings", []),
         "build_seconds": seconds,
     }

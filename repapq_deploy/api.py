@@ -87,7 +87,7 @@ class QuantizedModel:
 
 
 def quantize(model: nn.Module | str | Path, calib: DataSource, *, bits: int = 8, first_last_bits: int = 8,
-             profile: str | None = None, method: str = "repapq", recipe: Recipe | str | Path | None = None,
+             profile: str | None = None, method: str = "auto", recipe: Recipe | str | Path | None = None,
              device: str = "cpu", seed: int = 0, calib_count: int | None = 256, arch: str | None = None,
              num_classes: int | None = None, input_size: tuple[int, int, int] | None = None,
              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
@@ -98,9 +98,10 @@ def quantize(model: nn.Module | str | Path, calib: DataSource, *, bits: int = 8,
     blocks fuse themselves) or a checkpoint path (with ``arch`` for state dicts). ``calib``: a tensor
     or array of preprocessed N,C,H,W samples, a ``DataLoader`` or any iterable of batches (tensors or
     ``(x, y)`` pairs), or a path (image folder, .npz/.npy/.pt). ``calib_count`` samples are drawn with
-    ``seed`` (None: all, in order). ``profile``: ``onnxruntime`` or ``tensorrt`` (default: TensorRT's
-    where TensorRT and a GPU are present). ``recipe``: expert settings (a :class:`Recipe`, a named
-    recipe such as ``"fast"``, or a file).
+    ``seed`` (None: all, in order). ``method``: ``auto`` (the candidate closest to FP32 on a held-out part
+    of ``calib``, see ``recipe.holdout``), a reconstruction method or a range method. ``profile``:
+    ``onnxruntime`` or ``tensorrt`` (default: TensorRT's where TensorRT and a GPU are present).
+    ``recipe``: expert settings (a :class:`Recipe`, a named recipe such as ``"fast"``, or a file).
     """
     recipe = _recipe(recipe)
     check_method(method, recipe)
@@ -123,8 +124,8 @@ def quantize(model: nn.Module | str | Path, calib: DataSource, *, bits: int = 8,
     fused, fuse_report = fuse_model(module, data.x[:EXACTNESS_SAMPLES])
     config = quant_config(profile, bits, first_last_bits, recipe)
     done = calibrate_model(fused, data.x, config, method, recipe, device, seed)
-    return QuantizedModel(fused, done.qm, method, recipe, preprocess, done.details, fuse_report.to_dict(), data.x,
-                          done.warnings)
+    return QuantizedModel(fused, done.qm, done.details["method"], recipe, preprocess, done.details,
+                          fuse_report.to_dict(), data.x, done.warnings)
 
 
 def build_engine(qm: QuantizedModel, backend: str = "auto", out: str | Path | None = None) -> Engine:

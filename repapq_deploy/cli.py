@@ -22,7 +22,7 @@ from repapq_deploy.errors import DeployError
 from repapq_deploy.progress import console, log
 
 STAGES = ("reparam", "calibrate", "export", "engine", "verify")
-METHODS = ("minmax", "percentile", "entropy", "mse", "mae", "brecq", "repapq")
+METHODS = ("auto", "minmax", "percentile", "entropy", "mse", "mae", "brecq", "repapq")
 TENSORRT = "TensorRT builder"
 
 
@@ -110,8 +110,9 @@ def build_options(fn):
              help="Weight and activation bits; 6 is emulated exactly on INT8 kernels."),
         _opt("--first-last-bits", type=click.Choice(["8", "6"]), default="8", show_default=True,
              help="Bits of the first conv and the classifier under --bits 6."),
-        _opt("--method", type=click.Choice(METHODS), default="repapq", show_default=True,
-             help="Calibration: reconstruction (repapq, brecq; minutes) or a range method (seconds)."),
+        _opt("--method", type=click.Choice(METHODS), default="auto", show_default=True,
+             help="Calibration: auto = the candidate closest to FP32 on held-out calibration images; "
+                  "reconstruction (repapq, brecq; minutes) or a range method (seconds)."),
         _opt("--recipe", help="Expert settings: a named recipe (fast, thorough, ...) or a .yaml/.json file "
                               "(docs/recipes.md)."),
         _opt("--profile", type=click.Choice(["tensorrt", "onnxruntime"]),

@@ -21,7 +21,7 @@ class BuildOptions:
     eval: str | None = None
     bits: int = 8
     first_last_bits: int = 8
-    method: str = "repapq"
+    method: str = "auto"
     profile: str | None = None
     backend: str = "auto"
     out: str | None = None  # default: engines/<model file stem>

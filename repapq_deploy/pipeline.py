@@ -127,6 +127,7 @@ class Build:
     def calibrate(self) -> dict:
         o, r = self.opts, self.recipe
         options = {"method": o.method, "preset": r.preset, "equalize": r.equalize, **r.reconstruction_overrides(),
+                   "holdout": r.holdout, "time_budget": r.time_budget if o.method == "auto" else None,
                    **self.qconfig.to_dict(), "calib_count": o.calib_count, "seed": o.seed, "device": o.device,
                    "batch_size": r.batch_size,
                    # float sums split differently across threads, and the thousands of reconstruction

@@ -39,6 +39,10 @@ class Recipe:
     Calibration:
       preset: reconstruction effort (repapq, brecq): fast | default | thorough (200 / 1000 / 3000
         iterations per unit).
+      holdout: the fraction of the calibration images held out (seeded, never fitted) to validate the
+        method on; 0 fits every image and validates nothing.
+      time_budget: seconds the reconstruction candidate of method auto may take, estimated on this
+        machine before it runs (over it: preset fast, else the range methods only).
       equalize: cross-layer equalization before calibration: auto | none | depthwise | all (auto:
         all for reconstruction; for a range method the mode closest to FP32 on the calibration images).
       split_identity: keep a fused kernel's dominant identity tap as a depthwise 1x1 conv beside it
@@ -61,6 +65,8 @@ class Recipe:
     """
 
     preset: str = "default"
+    holdout: float = 0.2
+    time_budget: float = 900.0
     equalize: str = "auto"
     split_identity: bool = True
     offset_relu: str = "auto"
@@ -198,6 +204,10 @@ def _validate(r: Recipe, source: str) -> None:
         value = getattr(r, key)
         if value is not None and value < least:
             raise ConfigError(f"key '{key}': {value!r} must be at least {least}")
+    if not 0 <= r.holdout < 0.5:
+        raise ConfigError(f"key 'holdout': {r.holdout!r} is not a fraction in [0, 0.5)")
+    if r.time_budget < 0:
+        raise ConfigError(f"key 'time_budget': {r.time_budget!r} must be at least 0")
     if r.bench_seconds <= 0:
         raise ConfigError(f"key 'bench_seconds': {r.bench_seconds!r} must be positive")
     _check_reconstruction(r.reconstruction)

@@ -158,8 +158,13 @@ def test_build_writes_a_complete_report(build_of, profile, bits):
     assert report["reparam"]["max_rel_error"] <= 1e-4
     assert report["reparam"]["load"] == {"format": "safetensors", "arch": "repvgg_nano", "num_classes": 10,
                                          "in_chans": 1, "layout": "timm"}
-    assert report["calibration"]["method"] == "repapq"
-    assert report["calibration"]["images"] == 256
+    # method auto: the candidates are fitted on 205 images and compared with FP32 on the other 51
+    choice = report["calibration"]["choice"]
+    assert choice["method"] == "auto" and (choice["fit_images"], choice["held_out_images"]) == (205, 51)
+    assert report["calibration"]["method"] == choice["chosen"] and report["calibration"]["images"] == 205
+    assert [c["method"] for c in choice["candidates"]][:3] == ["minmax", "percentile", "mse"]
+    assert all(0 < c["cosine"] <= 1 + 1e-9 and c["images"] == 51 for c in choice["candidates"])
+    assert "held out" in (b.out / "report.md").read_text()
     assert report["calibration"]["seconds"] > 0
     assert report["config"]["profile"] == profile and report["config"]["bits"] == bits
     assert report["config"]["out"] == str(b.out)
@@ -220,7 +225,7 @@ def test_manifest_records_every_stage(build_of, profile, bits):
     assert set(m["stages"]["engine"]["outputs"]) == {b.report["engine"]["path"]}
     assert set(m["stages"]["verify"]["outputs"]) == REPORTS
     assert m["stages"]["reparam"]["inputs"]["model"] == model_digest(MODEL)
-    assert m["stages"]["calibrate"]["options"]["method"] == "repapq"
+    assert m["stages"]["calibrate"]["options"]["method"] == "auto"
     assert m["stages"]["calibrate"]["options"]["bits"] == bits
     assert m["stages"]["verify"]["result"] == b.report
 
@@ -414,10 +419,12 @@ def test_stage_subcommands_build_up_the_folder(reparam_dir, tmp_path):
 @pytest.mark.parametrize(("count", "warned"), [(64, True), (256, False)])
 def test_reconstruction_on_few_calibration_images_is_warned_about(reparam_dir, tmp_path, count, warned):
     out = copy_build(reparam_dir, tmp_path / "few")
-    result = cli(*pipeline_args("build", out, "--calib-count", count, "--json"))
+    result = cli(*pipeline_args("build", out, "--calib-count", count, "--method", "repapq", "--json"))
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["calibration"]["method"] == "repapq" and report["calibration"]["images"] == count
+    choice = report["calibration"]["choice"]
+    assert report["calibration"]["method"] == "repapq" and choice["fit_images"] + choice["held_out_images"] == count
+    assert report["calibration"]["images"] == choice["fit_images"]
     assert any("over-fit" in w for w in report["warnings"]) is warned
 
 

@@ -95,7 +95,8 @@ def test_cli_gptq_reaches_the_recipe_and_the_engine_matches(tmp_path, example_di
     from repapq_deploy.cli import main
 
     common = [str(example_dir / "model.safetensors"), "--calib", str(example_dir / "calib.npz"), "--eval",
-              str(example_dir / "eval.npz"), "--eval-count", "128", "--calib-count", "64", "--preset", "fast",
+              str(example_dir / "eval.npz"), "--eval-count", "128", "--calib-count", "64",
+              "--method", "repapq", "--preset", "fast",
               "--bits", "6", "--profile", "onnxruntime", "--bench-seconds", "0.1"]
     runner = CliRunner()
     result = runner.invoke(main, ["build", *common, "--gptq", "--out", str(tmp_path / "ok"), "--json"])

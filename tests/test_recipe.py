@@ -107,7 +107,7 @@ def test_cli_constants_match_the_library() -> None:
     from repapq_deploy.calibrate.registry import all_methods
     from repapq_deploy.pipeline import STAGES as PIPELINE_STAGES
 
-    assert set(METHODS) == set(all_methods()) and STAGES == PIPELINE_STAGES
+    assert set(METHODS) == {"auto", *all_methods()} and STAGES == PIPELINE_STAGES
 
 
 def _parsed(*args: str) -> dict:

@@ -193,7 +193,8 @@ def test_pipeline_reloads_folded_layers(tmp_path, example_dir):
     assert report["calibration"]["details"]["settings"]["adaround"] is True  # the CLI options reach the recipe
     assert report["calibration"]["details"]["settings"]["qdrop"] == 0.5
     assert report["calibration"]["details"]["settings"]["augment"] == ["hflip"]
-    assert report["calibration"]["details"]["samples"] == 128  # 64 images and their mirror images
+    # the images fitted (64 less the held-out 13) and their mirror images
+    assert report["calibration"]["details"]["samples"] == 2 * report["calibration"]["images"] == 102
     # fake-quant (reloaded from qstate.pt) and the engine agree exactly on the top-1
     assert report["accuracy"]["fake_quant"]["top1"] == report["accuracy"]["engine"]["top1"]
     assert report["accuracy"]["fake_quant_engine_agreement_top1"] == 100.0

@@ -14,9 +14,10 @@ import torch
 import torch.nn as nn
 
 from repapq_deploy.artifacts import save_torch
-from repapq_deploy.calibrate.equalize_choice import calibrate_under, choose_equalization
+from repapq_deploy.calibrate.choice import AUTO, RECONSTRUCTION_CANDIDATE, holdout_split, validated
 from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_recipe
+from repapq_deploy.calibrate.registry import calibrator
 from repapq_deploy.progress import log
 from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import QuantConfig, resolve_offset_relu
@@ -34,8 +35,11 @@ def quant_config(profile: str, bits: int, first_last_bits: int, recipe: Recipe) 
 
 
 def check_method(method: str, recipe: Recipe) -> None:
-    """Refuse a recipe whose reconstruction settings do not apply to ``method`` (cheap: before any work)."""
-    check_recipe(method, recipe.reconstruction_overrides())
+    """Refuse an unknown method, or a recipe whose reconstruction settings do not apply to ``method``
+    (cheap: before any work)."""
+    if method != AUTO:
+        calibrator(method)
+    check_recipe(RECONSTRUCTION_CANDIDATE if method == AUTO else method, recipe.reconstruction_overrides())
 
 
 @dataclass
@@ -50,18 +54,17 @@ class Calibrated:
 
 def calibrate_model(fused: nn.Module, data: torch.Tensor, config: QuantConfig, method: str, recipe: Recipe,
                     device: str = "cpu", seed: int = 0) -> Calibrated:
-    """Equalize, split, place quantizers on ``fused`` and calibrate them on ``data`` with ``method``."""
+    """Equalize, split, place quantizers on ``fused`` and calibrate them with ``method`` (``auto``: the
+    candidate closest to FP32 on held-out calibration images, ``calibrate.choice``) on the images of
+    ``data`` that are not held out."""
     check_method(method, recipe)
-    args = (fused, data, config, method, recipe.batch_size, device)
-    kwargs = {"preset": recipe.preset, "seed": seed, "overrides": recipe.reconstruction_overrides()}
-    tried: dict[str, float] = {}
-    if recipe.equalize == "auto":
-        done, tried, search_seconds = choose_equalization(*args, **kwargs)
-        if tried:
-            log(f"  equalize auto: {done.mode} (relative logit error on the calibration images: "
-                + ", ".join(f"{m} {e:.2e}" for m, e in tried.items()) + f"; {search_seconds:.1f} s)")
-    else:
-        done = calibrate_under(recipe.equalize, *args, **kwargs)
+    fit_idx, held_idx = holdout_split(len(data), recipe.holdout, seed)
+    held = data[held_idx] if len(held_idx) else None
+    kept, choice = validated(fused, data[fit_idx], held, config, method, equalize=recipe.equalize,
+                             preset=recipe.preset, overrides=recipe.reconstruction_overrides(),
+                             time_budget=recipe.time_budget, images=len(data), batch_size=recipe.batch_size,
+                             device=device, seed=seed)
+    done = kept.done
     qconfig, qm, equalized, errors = done.qconfig, done.qm, done.equalized, done.split_errors
     if equalized.pairs:
         log(f"  cross-layer equalization ({done.mode}): {len(equalized.pairs)} conv pairs rescaled")
@@ -72,19 +75,18 @@ def calibrate_model(fused: nn.Module, data: torch.Tensor, config: QuantConfig, m
     if qconfig.offset_relu != "none":
         log(f"  offset-relu {qconfig.offset_relu}: {offset} of {len(qm.act_quantizers)} activation quantizers "
             "on [0, 255] stored as x - 128 s")
-    out = done.result.to_dict()
+    out = {**done.result.to_dict(), "choice": choice}
     if equalized.pairs:
         out["equalize"] = equalized.to_dict()
-    if tried:
-        # the search's seconds include the kept mode's calibration (the result's own "seconds")
-        out["equalize_auto"] = {"mode": done.mode, "relative_logit_error": tried, "seconds": search_seconds}
+    if kept.equalize_auto:
+        out["equalize_auto"] = kept.equalize_auto
     if qconfig.offset_relu != "none":
         out["offset_relu"] = {"offset": offset, "quantizers": len(qm.act_quantizers)}
     if qconfig.split_identity:
         out["identity_split"] = {n: {"relative_error": plain, "relative_error_split": split,
                                      "split": n in qconfig.split_layers}
                                  for n, (plain, split) in errors.items()}
-    warnings = []
+    warnings = list(choice["warnings"])
     if method in RECONSTRUCTION and len(data) < FEW_RECONSTRUCTION_IMAGES:
         warnings.append(f"method {method} trained on only {len(data)} calibration images and can over-fit them "
                         f"(EfficientNet-Lite0 on crops of 16-26 photos: worse than percentile); use "

@@ -156,10 +156,29 @@ def render_markdown(report: dict) -> str:
         "",
         f"{cal['images']} images, {cal['seconds']:.1f} s, {cal['activation_quantizers']} activation and "
         f"{cal['weight_quantizers']} weight quantizers.",
+        *_choice_lines(cal.get("choice")),
     ]
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def _choice_lines(choice: dict | None) -> list[str]:
+    """report.md's account of the method choice on held-out calibration images."""
+    if not choice:
+        return []
+    lines = ["", f"Method `{choice['method']}`: fitted on {choice['fit_images']} calibration images, "
+             f"{choice['held_out_images']} held out (never fitted) to compare with FP32."]
+    if choice.get("candidates"):
+        lines += ["", "| candidate | held-out cosine | agreement % | KL | fit s |", "| --- | --- | --- | --- | --- |"]
+        for c in choice["candidates"]:
+            name = c["method"] + (f" ({c['preset']})" if c.get("preset") else "")
+            lines.append(f"| {name} | {c['cosine']:.5f} | {c['agreement_top1']:.1f} | {c['kl']:.2e} | "
+                         f"{c['fit_seconds']:.1f} |")
+    lines += ["", f"Chosen: **{choice['chosen']}**: {choice['reason']}."]
+    if choice.get("reconstruction"):
+        lines.append(f"Reconstruction: {choice['reconstruction']}.")
+    return lines
 
 
 def write_report(report: dict, engine_name: str, out: Path) -> None:
