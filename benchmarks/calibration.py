@@ -1,7 +1,7 @@
 """Every calibration method, the RepAPQ ablations and the peers on the Fashion-MNIST reference models.
 
     python benchmarks/calibration.py [--models repvgg_a0:15,mobileone_s0:15:w1] [--calib-count 1024]
-        [--methods minmax,percentile,entropy,mse,mae,init,brecq,repapq] [--presets fast,default]
+        [--methods minmax,percentile,entropy,mse,mae,init,brecq,repapq,auto] [--presets fast,default]
         [--brecq-presets default] [--settings W8A8:onnxruntime,...] [--ablations/--no-ablations]
         [--modelopt-python /path/to/venv/bin/python] [--device cpu|cuda] [--seed N] [--merge] [--report-only]
         [--no-split-identity] [--equalize none|depthwise|all]
@@ -258,6 +258,9 @@ def main() -> None:
             specs.append(({**common, "out": str(out), "method": "repapq" if row["method"] == "init" else row["method"],
                            "preset": row["preset"] if row["preset"] != "-" else "default", "profile": row["profile"],
                            "bits": row["bits"], "first_last_bits": row["first_last_bits"],
+                           # a named method's row fits every calibration image, as the tables always did;
+                           # auto holds out its default share to choose on
+                           "holdout": 0.2 if row["method"] == "auto" else 0.0,
                            "offset_relu": offset_relu(row["profile"])}, None))
         if args.ablations:
             for name, change in ABLATIONS.items():
@@ -266,7 +269,7 @@ def main() -> None:
                     todo.append({"method": name, "preset": "default", "setting": label, "profile": profile,
                                  "bits": bits, "first_last_bits": fl})
                     specs.append(({**common, "out": str(out), "method": "repapq-variant", "preset": "default",
-                                   "profile": profile, "bits": bits, "first_last_bits": fl,
+                                   "profile": profile, "bits": bits, "first_last_bits": fl, "holdout": 0.0,
                                    "offset_relu": offset_relu(profile)}, change))
         if args.equalize != "none":
             for row in todo:

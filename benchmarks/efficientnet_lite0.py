@@ -491,7 +491,7 @@ def main() -> None:
         table.add_row(
             r["name"], r["engine_backend"], f"{r['fp32_top1']:.0f}", f"{r['engine_top1']:.0f}",
             f"{r['agreement_top1']:.0f}", f"{r['cosine']:.4f}", f"{r['cosine_min']:.4f}",
-            f"{r['int8_op_fraction']:.2f}", str(r["reparam"]["bn_folded"]),
+            "-" if r["int8_op_fraction"] is None else f"{r['int8_op_fraction']:.2f}", str(r["reparam"]["bn_folded"]),
             f"{r['export_check'].get('agreement_top1', float('nan')):.1f}",
             str(len((r.get("lint") or {}).get("violations", []))),
             f"{lat['fp32']['bs1']:.1f} / {lat['fp32']['bs32']:.0f}",

@@ -17,6 +17,8 @@ from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.calibrate.registry import calibrate
 from repapq_deploy.quant.scheme import QuantConfig
 
+SPLIT = (np.arange(48), np.arange(48, 64))
+
 
 @pytest.fixture
 def fused(fused_example):
@@ -49,30 +51,30 @@ def test_pick_keeps_the_simplest_unless_clearly_beaten() -> None:
 
 
 def test_auto_without_enough_images_keeps_a_range_method(fused, calib_x) -> None:
-    fit, held = calib_x[:48], calib_x[48:64]
-    kept, section = validated(fused, fit, held, QuantConfig("onnxruntime"), "auto", equalize="none",
-                              preset="default", overrides={}, time_budget=900, images=64, batch_size=32,
-                              device="cpu", seed=0)
+    kept, section = validated(fused, calib_x[:64], *SPLIT, QuantConfig("onnxruntime"), "auto", equalize="none",
+                              preset="default", overrides={}, time_budget=900, batch_size=32, device="cpu", seed=0)
     assert kept.method in ("minmax", "percentile", "mse") and section["chosen"] == kept.method
     assert section["reconstruction"].startswith("not tried: 64 calibration images")
     assert [c["method"] for c in section["candidates"]] == ["minmax", "percentile", "mse"]
     assert all(c["images"] == 16 for c in section["candidates"])
+    assert section["final_fit_images"] == 64 and kept.done.result.images == 64
 
 
 def test_auto_over_the_time_budget_skips_reconstruction(fused, calib_x) -> None:
-    fit, held = calib_x[:48], calib_x[48:64]
-    kept, section = validated(fused, fit, held, QuantConfig("onnxruntime"), "auto", equalize="none",
-                              preset="default", overrides={}, time_budget=0.0, images=300, batch_size=32,
+    x = calib_x[:64].repeat(5, 1, 1, 1)[:300]  # enough images for reconstruction to be a candidate
+    kept, section = validated(fused, x, np.arange(240), np.arange(240, 300), QuantConfig("onnxruntime"), "auto",
+                              equalize="none", preset="default", overrides={}, time_budget=0.0, batch_size=32,
                               device="cpu", seed=0)
     assert "over the time budget" in section["reconstruction"] and kept.method != "repapq"
 
 
 def test_named_method_reports_held_out_figures(fused, calib_x) -> None:
-    fit, held = calib_x[:48], calib_x[48:64]
-    kept, section = validated(fused, fit, held, QuantConfig("onnxruntime"), "percentile", equalize="none",
-                              preset="default", overrides={}, time_budget=900, images=64, batch_size=32,
+    kept, section = validated(fused, calib_x[:64], *SPLIT, QuantConfig("onnxruntime"), "percentile",
+                              equalize="none", preset="default", overrides={}, time_budget=900, batch_size=32,
                               device="cpu", seed=0)
     assert kept.method == "percentile" and section["reason"] == "named by the user"
+    # a range method is refitted on every image once its held-out figures are taken
+    assert section["final_fit_images"] == 64 and kept.done.result.images == 64
     assert [c["method"] for c in section["candidates"]] == ["percentile"]
 
 

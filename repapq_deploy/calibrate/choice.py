@@ -1,7 +1,8 @@
 """Method choice validated on held-out calibration images (``method="auto"``, the default).
 
-A seeded part of the calibration images is held out and never fitted. Every candidate is calibrated
-on the rest and compared with the FP32 model on the held-out images, image by image. Candidates are
+A seeded part of the calibration images is held out. Every candidate is calibrated on the rest and
+compared with the FP32 model on the held-out images, image by image (a kept range method is then
+refitted on every image). Candidates are
 ordered from the simplest (``minmax``) to the most flexible (reconstruction): a more flexible one is
 kept only when it is closer to FP32 on the held-out images by more than ``MARGIN_SE`` paired standard
 errors, so a method that fits its calibration images without generalising (RepAPQ on a few photos of
@@ -141,27 +142,49 @@ def _calibrate(method: str, fused: nn.Module, x: torch.Tensor, config: QuantConf
     return done, {"mode": done.mode, "relative_logit_error": tried, "seconds": seconds}
 
 
-def validated(fused: nn.Module, fit: torch.Tensor, held: torch.Tensor | None, config: QuantConfig, method: str,
-              *, equalize: str, preset: str, overrides: dict, time_budget: float, images: int, batch_size: int,
+def validated(fused: nn.Module, data: torch.Tensor, fit_idx: np.ndarray, held_idx: np.ndarray, config: QuantConfig,
+              method: str, *, equalize: str, preset: str, overrides: dict, time_budget: float, batch_size: int,
               device: str, seed: int) -> tuple[Candidate, dict]:
-    """Calibrate ``method`` (or, for ``auto``, every candidate) on ``fit`` and compare on ``held``.
+    """Calibrate ``method`` (or, for ``auto``, every candidate) on the ``fit_idx`` images of ``data`` and
+    compare on the ``held_idx`` ones.
 
-    Returns the kept candidate and the report section ``choice``: every candidate's held-out figures,
-    the decision and why, and the warning for a named method that the range methods beat.
+    A kept range method is then refitted on every image (seconds; its statistics only gain from more
+    images); a kept reconstruction stays as validated (refitting would double its time). Returns the
+    kept candidate and the report section ``choice``: every candidate's held-out figures, the decision
+    and why, and the warning for a named method that a range method beats.
     """
-    def run(name: str, name_preset: str | None, extra: dict) -> Candidate:
-        done, searched = _calibrate(name, fused, fit, config, equalize, batch_size, device, name_preset or preset,
+    fit, held = data[fit_idx], (data[held_idx] if len(held_idx) else None)
+
+    def run(name: str, name_preset: str | None, extra: dict, x: torch.Tensor = fit) -> Candidate:
+        done, searched = _calibrate(name, fused, x, config, equalize, batch_size, device, name_preset or preset,
                                     seed, extra)
         c = Candidate(name, name_preset, done, searched)
-        if held is not None:
+        if held is not None and x is fit:
             c.figures, c.errors = held_out_figures(done.qm.module, done.fused, held, batch_size)
         return c
+
+    kept, section = _decide(run, fit, held, method, preset, overrides, time_budget, len(data), batch_size)
+    section["final_fit_images"] = len(fit)
+    if held is not None and kept.method not in RECONSTRUCTION:
+        refit = run(kept.method, kept.preset, {}, data)
+        kept = Candidate(kept.method, kept.preset, refit.done, refit.equalize_auto, kept.figures, kept.errors)
+        section["final_fit_images"] = len(data)
+    return kept, section
+
+
+def _decide(run, fit: torch.Tensor, held: torch.Tensor | None, method: str, preset: str, overrides: dict,
+            time_budget: float, images: int, batch_size: int) -> tuple[Candidate, dict]:
+    """The candidate :func:`validated` keeps, calibrated on ``fit``, and the report section."""
 
     ranges = [run(m, None, {}) for m in RANGE_CANDIDATES] if method == AUTO or (
         method in RECONSTRUCTION and held is not None) else []
     section: dict = {"method": method, "fit_images": len(fit), "held_out_images": 0 if held is None else len(held)}
     notes: list[str] = []
     if method != AUTO:
+        if method in RECONSTRUCTION:
+            probe = ranges[0] if ranges else run(RANGE_CANDIDATES[0], None, {})
+            seconds = estimate_reconstruction(probe.done.qm.module, fit, preset, overrides, batch_size)
+            log(f"  {method} ({preset}): about {seconds / 60:.1f} min here (estimated)")
         named = run(method, preset if method in RECONSTRUCTION else None, overrides if method in RECONSTRUCTION
                     else {})
         section["candidates"] = [c.to_dict() for c in [*ranges, named] if c.figures]

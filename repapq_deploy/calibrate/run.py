@@ -59,11 +59,9 @@ def calibrate_model(fused: nn.Module, data: torch.Tensor, config: QuantConfig, m
     ``data`` that are not held out."""
     check_method(method, recipe)
     fit_idx, held_idx = holdout_split(len(data), recipe.holdout, seed)
-    held = data[held_idx] if len(held_idx) else None
-    kept, choice = validated(fused, data[fit_idx], held, config, method, equalize=recipe.equalize,
+    kept, choice = validated(fused, data, fit_idx, held_idx, config, method, equalize=recipe.equalize,
                              preset=recipe.preset, overrides=recipe.reconstruction_overrides(),
-                             time_budget=recipe.time_budget, images=len(data), batch_size=recipe.batch_size,
-                             device=device, seed=seed)
+                             time_budget=recipe.time_budget, batch_size=recipe.batch_size, device=device, seed=seed)
     done = kept.done
     qconfig, qm, equalized, errors = done.qconfig, done.qm, done.equalized, done.split_errors
     if equalized.pairs:

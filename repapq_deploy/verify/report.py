@@ -167,8 +167,9 @@ def _choice_lines(choice: dict | None) -> list[str]:
     """report.md's account of the method choice on held-out calibration images."""
     if not choice:
         return []
-    lines = ["", f"Method `{choice['method']}`: fitted on {choice['fit_images']} calibration images, "
-             f"{choice['held_out_images']} held out (never fitted) to compare with FP32."]
+    lines = ["", f"Method `{choice['method']}`: candidates fitted on {choice['fit_images']} calibration images, "
+             f"{choice['held_out_images']} held out to compare with FP32; the kept one is fitted on "
+             f"{choice.get('final_fit_images', choice['fit_images'])}."]
     if choice.get("candidates"):
         lines += ["", "| candidate | held-out cosine | agreement % | KL | fit s |", "| --- | --- | --- | --- | --- |"]
         for c in choice["candidates"]:
