@@ -96,7 +96,6 @@ def build_options(fn):
     options = [
         click.argument("model", type=click.Path(dir_okay=False)),
         _opt("--arch", help="timm model name for state dicts (e.g. repvgg_a0, mobileone_s0)."),
-        _opt("--num-classes", type=click.IntRange(min=1), help="Classifier size (default: from the checkpoint)."),
         _opt("--input-size", callback=_size, help="C,H,W the model takes (default: timm's data config)."),
         _opt("--normalize", callback=_normalize,
              help="Per-channel normalization MEAN/STD, e.g. 0.5/0.5 (default: timm's data config)."),
@@ -113,6 +112,10 @@ def build_options(fn):
         _opt("--method", type=click.Choice(METHODS), default="auto", show_default=True,
              help="Calibration: auto = the candidate closest to FP32 on held-out calibration images; "
                   "reconstruction (repapq, brecq; minutes) or a range method (seconds)."),
+        _opt("--max-drop", type=click.FloatRange(min=0), metavar="PP",
+             help="Accuracy budget: the engine's top-1 drop vs FP32 in pp (with --eval labels; else 100 - "
+                  "agreement %). Missed: the most sensitive tensors are raised to 8 bits / float until it "
+                  "holds, else exit 1."),
         _opt("--recipe", help="Expert settings: a named recipe (fast, thorough, ...) or a .yaml/.json file "
                               "(docs/recipes.md)."),
         _opt("--profile", type=click.Choice(["tensorrt", "onnxruntime"]),
@@ -138,6 +141,7 @@ def build_options(fn):
              help="Engine runs on later TensorRT releases of the same major version."),
         # hidden: earlier flags, kept working
         _opt("--in-chans", type=click.IntRange(min=1), hidden=True),
+        _opt("--num-classes", type=click.IntRange(min=1), hidden=True),  # read from the checkpoint's weights
         _opt("--mean", hidden=True),
         _opt("--std", hidden=True),
         *[_opt(_flag(k), k, type=t, hidden=True) for k, t in RECIPE_FLAGS.items()],

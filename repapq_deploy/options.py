@@ -31,6 +31,8 @@ class BuildOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     threads: int | None = None  # CPU threads (PyTorch and ONNX Runtime); None: all cores
+    # accuracy budget: top-1 drop against FP32 in pp (with labelled eval data), else 100 - agreement %
+    max_drop: float | None = None
     trust_pickle: bool = False
     force: bool = False
     recipe: Recipe = field(default_factory=Recipe)

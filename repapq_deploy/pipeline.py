@@ -31,7 +31,7 @@ from repapq_deploy.verify.report import REPORT_FILES, write_report
 from repapq_deploy.verify.run import verify_engine
 
 STAGES = ("reparam", "calibrate", "export", "engine", "verify")
-FUSED, QSTATE = "fused.pt", "qstate.pt"
+FUSED, QSTATE, FALLBACK_QSTATE = "fused.pt", "qstate.pt", "qstate.fallback.pt"
 MANIFEST = "manifest.json"
 EXACTNESS_SAMPLES = 32
 
@@ -57,6 +57,7 @@ class Build:
         self.results: dict[str, dict] = {}
         self.warnings: list[str] = []
         self._fused = self._qm = self._engine = None
+        self.fallback_active = False  # set by the accuracy budget (repapq_deploy.budget)
 
     # --- inputs and the stage machinery ---------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class Build:
     def _run_calibrate(self) -> dict:
         done = calibrate_model(self.fused, self.calib_data.x, self.qconfig, self.opts.method, self.recipe,
                                self.opts.device, self.opts.seed)
-        save_qstate(done, self.opts.method, self.out / QSTATE)
+        save_qstate(done.qm, self.opts.method, self.out / QSTATE)
         self._qm = done.qm
         return done.details
 
@@ -148,8 +149,15 @@ class Build:
         self._qm = self._qm or load_qstate(self.fused, self.out / QSTATE)
         return self._qm
 
+    @property
+    def qstate_hash(self) -> str:
+        """The calibrated state the later stages take: the calibrate stage's, or a fallback's
+        (``budget``) when one is in use."""
+        fallback = self.out / FALLBACK_QSTATE
+        return sha256_path(fallback) if self.fallback_active else self._hash("calibrate", QSTATE)
+
     def export(self) -> dict:
-        inputs = {"fused": self._hash("reparam", FUSED), "qstate": self._hash("calibrate", QSTATE),
+        inputs = {"fused": self._hash("reparam", FUSED), "qstate": self.qstate_hash,
                   "calib": self.hashes["calib"]}
         return self._stage("export", inputs, {"opset": self.recipe.opset, "profile": self.profile},
                            export_outputs(self.profile),
@@ -188,7 +196,7 @@ class Build:
     def verify(self) -> dict:
         inputs = {"engine": self._hash("engine", self.engine_file),
                   "fp32": self._hash("export", FP32_ONNX), "fused": self._hash("reparam", FUSED),
-                  "qstate": self._hash("calibrate", QSTATE), "eval": self.hashes["eval"]}
+                  "qstate": self.qstate_hash, "eval": self.hashes["eval"]}
         options = {"eval_count": self.recipe.eval_count, "bench_seconds": self.recipe.bench_seconds,
                    "seed": self.opts.seed}
         return self._stage("verify", inputs, options, list(REPORT_FILES), self._run_verify)
@@ -213,4 +221,8 @@ class Build:
         result: dict = {}
         for stage in STAGES[:STAGES.index(until) + 1]:
             result = getattr(self, stage)()
+        if until == "verify" and self.opts.max_drop is not None:
+            from repapq_deploy.budget import meet_budget
+
+            result = meet_budget(self, result)
         return result

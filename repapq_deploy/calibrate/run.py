@@ -94,10 +94,9 @@ def calibrate_model(fused: nn.Module, data: torch.Tensor, config: QuantConfig, m
     return Calibrated(qm, qconfig, out, warnings)
 
 
-def save_qstate(calibrated: Calibrated, method: str, path: Path) -> None:
+def save_qstate(qm: FakeQuantModel, method: str, path: Path) -> None:
     """Write the calibrated scales, layer tensors and scheme (``qstate.pt``), atomically."""
-    qm = calibrated.qm
-    save_torch({"scales": qm.scales(), "layers": qm.layer_tensors(), "config": calibrated.config.to_dict(),
+    save_torch({"scales": qm.scales(), "layers": qm.layer_tensors(), "config": qm.config.to_dict(),
                 "method": method}, path)
 
 

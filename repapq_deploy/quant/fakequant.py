@@ -112,6 +112,8 @@ class ActQuantizer(nn.Module):
         self.zero_point = zero_point
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=False)
         self.mode = "off"
+        # kept in float (an accuracy-budget fallback): no fake quantization and no Q/DQ on export
+        self.floating = False
         self.observer = None
         # QDrop: while training, keep this fraction of elements unquantized (a flatter loss landscape)
         self.drop_prob = 0.0
@@ -133,7 +135,7 @@ class ActQuantizer(nn.Module):
         if self.mode == "observe":
             self.observer.update(x.detach())
             return x
-        if self.mode == "off":
+        if self.mode == "off" or self.floating:
             return x
         if torch.onnx.is_in_onnx_export():
             lo = self.scale.detach() * self.fmt.qmin
@@ -148,7 +150,7 @@ class ActQuantizer(nn.Module):
         return q
 
     def extra_repr(self) -> str:
-        kind = "int" if self.fmt.signed else "uint"
+        kind = "float" if self.floating else "int" if self.fmt.signed else "uint"
         return f"{kind}{self.fmt.bits}, scale={self.scale.item():.4g}, mode={self.mode}"
 
 
@@ -169,6 +171,7 @@ class WeightQuantizer(nn.Module):
         self.fmt = fmt
         self.scale = nn.Parameter(torch.ones(channels), requires_grad=False)
         self.enabled = False
+        self.floating = False  # kept in float (an accuracy-budget fallback): never enabled
 
     def _scale(self, w: torch.Tensor) -> torch.Tensor:
         return self.scale.view((-1,) + (1,) * (w.dim() - 1))

@@ -162,7 +162,7 @@ class FakeQuantModel:
         for q in self.act_quantizers.values():
             q.mode = mode
         for layer in self.weight_layers.values():
-            layer.weight_quantizer.enabled = mode == "quant"
+            layer.weight_quantizer.enabled = mode == "quant" and not layer.weight_quantizer.floating
 
     def fold_affine(self) -> None:
         """Fold every QPRep affine layer into its weight scales and bias (exact; see fold_affine)."""
@@ -328,10 +328,46 @@ def place_quantizers(fused: nn.Module, config: QuantConfig) -> FakeQuantModel:
     graph.eliminate_dead_code()
     if config.offset_relu != "none":
         _offset_relu_grids(qm, modules, padded=config.offset_relu == "all")
+    for name in config.fallback:
+        if name not in qm.act_quantizers:
+            raise DeployError(f"fallback quantizer {name}: not in this model; re-run calibrate with `force`")
+        raise_precision(qm, name)
     graph.lint()
     gm.recompile()
     return qm
 
+
+def readers(qm: FakeQuantModel, name: str) -> list[str]:
+    """The weighted layers (conv/linear) that read activation quantizer ``name``'s output."""
+    return sorted({u.target for n in qm.module.graph.nodes if n.op == "call_module" and n.target == name
+                   for u in n.users if u.op == "call_module" and u.target in qm.weight_layers})
+
+
+def raise_precision(qm: FakeQuantModel, name: str) -> None:
+    """One precision step up for activation quantizer ``name`` and the weights of the layers reading it:
+    a sub-8-bit grid becomes 8-bit (same clipping range), an 8-bit one stays in float (FP16 in a
+    TensorRT graph). Scales are converted where they exist; a model rebuilt from ``QuantConfig.fallback``
+    gets them from its quantization state."""
+    profile = qm.config.scheme
+    q = qm.act_quantizers[name]
+    layers = [qm.weight_layers[t] for t in readers(qm, name)]
+    if q.fmt.bits >= 8:
+        q.floating = True
+        for layer in layers:
+            layer.weight_quantizer.floating = True
+            layer.weight_quantizer.enabled = False
+        return
+    fmt = profile.activation_format(8, q.nonnegative)
+    with torch.no_grad():
+        q.scale.mul_(q.fmt.qmax / fmt.qmax)
+    q.fmt, q.zero_point = fmt, 128 if fmt.signed and profile.signed_as_uint8 else 0
+    for layer in layers:
+        wq = layer.weight_quantizer
+        if wq.fmt.bits < 8:
+            wfmt = profile.weight_format(8)
+            with torch.no_grad():
+                wq.scale.mul_(wq.fmt.qmax / wfmt.qmax)
+            wq.fmt = wfmt
 
 def _offset_relu_grids(qm: FakeQuantModel, modules: dict[str, nn.Module], padded: bool) -> None:
     """Give 8-bit non-negative quantizers the offset grid [0, 255] (IntFormat.offset) where every

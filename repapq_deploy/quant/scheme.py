@@ -124,10 +124,14 @@ class QuantConfig:
     # TensorRT at 8 bits: which post-ReLU tensors get all 256 levels by an offset of -128 s that the
     # reading layers' biases take back (OFFSET_RELU_MODES); the rest keep [0, 127]
     offset_relu: str = "none"
+    # activation quantizers raised one precision step (with the weights of the layers reading them):
+    # 6 -> 8 bits in a 6-bit build, 8 bits -> float in an 8-bit one (quant.placement.raise_precision)
+    fallback: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.split_layers is not None:  # a list when read back from qstate.pt
             object.__setattr__(self, "split_layers", tuple(self.split_layers))
+        object.__setattr__(self, "fallback", tuple(self.fallback))
         if self.profile not in PROFILES:
             raise ConfigError(f"`profile` {self.profile}: unknown; choose one of {', '.join(PROFILES)}")
         for opt, b in (("`bits`", self.bits), ("`first_last_bits`", self.first_last_bits),

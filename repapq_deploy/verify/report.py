@@ -158,9 +158,31 @@ def render_markdown(report: dict) -> str:
         f"{cal['weight_quantizers']} weight quantizers.",
         *_choice_lines(cal.get("choice")),
     ]
+    lines += _budget_lines(report.get("budget"))
     if report.get("warnings"):
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def _budget_lines(budget: dict | None) -> list[str]:
+    """report.md's account of the accuracy budget and the precision fallback steps."""
+    if not budget:
+        return []
+    lines = ["", "## Accuracy budget", "",
+             f"`max_drop` {budget['max_drop']:g} on {budget['metric']}: **{'met' if budget['met'] else 'NOT met'}** "
+             f"with {budget['raised']} quantized tensor(s) raised one precision step."]
+    if budget["raised_layers"]:
+        lines.append(f"Raised layers: {', '.join(f'`{n}`' for n in budget['raised_layers'])}.")
+    if len(budget["steps"]) > 1:
+        lines += ["", "| tensors raised | shortfall | engine top-1 % | agreement % | speed-up bs1 | speed-up bs32 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for s in sorted(budget["steps"], key=lambda s: s["raised"]):
+            top1 = "n/a" if s["engine_top1"] is None else f"{s['engine_top1']:.2f}"
+            speed = s["speedup"]
+            lines.append(f"| {s['raised']} | {s['shortfall']:.2f} | {top1} | {s['agreement_top1']:.2f} | "
+                         f"{speed.get('bs1', float('nan')):.2f}x | {speed.get('bs32', float('nan')):.2f}x |")
+        lines += ["", "![budget](budget.png)"]
+    return lines
 
 
 def _choice_lines(choice: dict | None) -> list[str]:
