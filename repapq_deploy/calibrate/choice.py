@@ -104,25 +104,33 @@ def pick(candidates: list[Candidate]) -> tuple[Candidate, str]:
 
 
 def estimate_reconstruction(qm_module: nn.Module, x: torch.Tensor, preset: str, overrides: dict,
-                            batch_size: int) -> float:
-    """Seconds a reconstruction with ``preset`` would take here, from timing forward+backward passes of
-    the calibrated fake-quant module ``qm_module`` (left as it was)."""
+                            batch_size: int, device: str = "cpu") -> float:
+    """Seconds a reconstruction with ``preset`` would take on ``device``, from timing forward+backward
+    passes of the calibrated fake-quant module ``qm_module`` there (left as it was, on the CPU)."""
     iters = {**PRESETS[preset], **overrides}.get("iters", PRESETS[preset]["iters"])
-    batch = x[:batch_size]
+    batch = x[:batch_size].to(device)
     params = [p for p in qm_module.parameters()]
     flags = [p.requires_grad for p in params]
+    qm_module.to(device)
     for p in params:
         p.requires_grad_(True)
+
+    def step() -> None:
+        qm_module(batch).float().abs().mean().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     try:
-        qm_module(batch).float().abs().mean().backward()  # warm-up
+        step()  # warm-up
         t0 = time.perf_counter()
         for _ in range(2):
-            qm_module(batch).float().abs().mean().backward()
+            step()
         per_step = (time.perf_counter() - t0) / 2
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.grad = None
             p.requires_grad_(flag)
+        qm_module.cpu()
     return iters * per_step * STEP_COST
 
 
@@ -154,6 +162,7 @@ def validated(fused: nn.Module, data: torch.Tensor, fit_idx: np.ndarray, held_id
     and why, and the warning for a named method that a range method beats.
     """
     fit, held = data[fit_idx], (data[held_idx] if len(held_idx) else None)
+    t0 = time.perf_counter()
 
     def run(name: str, name_preset: str | None, extra: dict, x: torch.Tensor = fit) -> Candidate:
         done, searched = _calibrate(name, fused, x, config, equalize, batch_size, device, name_preset or preset,
@@ -163,17 +172,18 @@ def validated(fused: nn.Module, data: torch.Tensor, fit_idx: np.ndarray, held_id
             c.figures, c.errors = held_out_figures(done.qm.module, done.fused, held, batch_size)
         return c
 
-    kept, section = _decide(run, fit, held, method, preset, overrides, time_budget, len(data), batch_size)
+    kept, section = _decide(run, fit, held, method, preset, overrides, time_budget, len(data), batch_size, device)
     section["final_fit_images"] = len(fit)
     if held is not None and kept.method not in RECONSTRUCTION:
         refit = run(kept.method, kept.preset, {}, data)
         kept = Candidate(kept.method, kept.preset, refit.done, refit.equalize_auto, kept.figures, kept.errors)
         section["final_fit_images"] = len(data)
+    section["seconds"] = time.perf_counter() - t0  # every candidate, the comparison and the refit
     return kept, section
 
 
 def _decide(run, fit: torch.Tensor, held: torch.Tensor | None, method: str, preset: str, overrides: dict,
-            time_budget: float, images: int, batch_size: int) -> tuple[Candidate, dict]:
+            time_budget: float, images: int, batch_size: int, device: str) -> tuple[Candidate, dict]:
     """The candidate :func:`validated` keeps, calibrated on ``fit``, and the report section."""
 
     ranges = [run(m, None, {}) for m in RANGE_CANDIDATES] if method == AUTO or (
@@ -183,7 +193,7 @@ def _decide(run, fit: torch.Tensor, held: torch.Tensor | None, method: str, pres
     if method != AUTO:
         if method in RECONSTRUCTION:
             probe = ranges[0] if ranges else run(RANGE_CANDIDATES[0], None, {})
-            seconds = estimate_reconstruction(probe.done.qm.module, fit, preset, overrides, batch_size)
+            seconds = estimate_reconstruction(probe.done.qm.module, fit, preset, overrides, batch_size, device)
             log(f"  {method} ({preset}): about {seconds / 60:.1f} min here (estimated)")
         named = run(method, preset if method in RECONSTRUCTION else None, overrides if method in RECONSTRUCTION
                     else {})
@@ -204,7 +214,7 @@ def _decide(run, fit: torch.Tensor, held: torch.Tensor | None, method: str, pres
     elif held is None:
         section["reconstruction"] = "not tried: too few images to hold any out for validating it"
     else:
-        tried = _budgeted_preset(candidates[0], fit, preset, overrides, time_budget, batch_size)
+        tried = _budgeted_preset(candidates[0], fit, preset, overrides, time_budget, batch_size, device)
         section["reconstruction"] = tried[1]
         if tried[0] is not None:
             candidates.append(run(RECONSTRUCTION_CANDIDATE, tried[0], overrides))
@@ -217,11 +227,11 @@ def _decide(run, fit: torch.Tensor, held: torch.Tensor | None, method: str, pres
 
 
 def _budgeted_preset(calibrated: Candidate, fit: torch.Tensor, preset: str, overrides: dict, budget: float,
-                     batch_size: int) -> tuple[str | None, str]:
+                     batch_size: int, device: str) -> tuple[str | None, str]:
     """The reconstruction preset that fits ``budget`` seconds (the recipe's, else ``fast``), and a note."""
     module = calibrated.done.qm.module
     for name in dict.fromkeys((preset, "fast")):
-        seconds = estimate_reconstruction(module, fit, name, overrides, batch_size)
+        seconds = estimate_reconstruction(module, fit, name, overrides, batch_size, device)
         if seconds <= budget:
             return name, f"tried with preset {name} (estimated {seconds:.0f} s, budget {budget:.0f} s)"
     return None, (f"not tried: estimated {seconds:.0f} s even with preset fast, over the time budget of "

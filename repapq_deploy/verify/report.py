@@ -198,7 +198,8 @@ def _choice_lines(choice: dict | None) -> list[str]:
             name = c["method"] + (f" ({c['preset']})" if c.get("preset") else "")
             lines.append(f"| {name} | {c['cosine']:.5f} | {c['agreement_top1']:.1f} | {c['kl']:.2e} | "
                          f"{c['fit_seconds']:.1f} |")
-    lines += ["", f"Chosen: **{choice['chosen']}**: {choice['reason']}."]
+    took = f" ({choice['seconds']:.0f} s for every candidate)" if "seconds" in choice else ""
+    lines += ["", f"Chosen: **{choice['chosen']}**{took}: {choice['reason']}."]
     if choice.get("reconstruction"):
         lines.append(f"Reconstruction: {choice['reconstruction']}.")
     return lines
