@@ -24,7 +24,9 @@ import torch
 import torch.nn as nn
 
 from repapq_deploy.calibrate.equalize_choice import Calibrated, calibrate_under, choose_equalization
+from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.calibrate.reconstruct import PRESETS, RECONSTRUCTION
+from repapq_deploy.calibrate.registry import calibrate
 from repapq_deploy.progress import log
 from repapq_deploy.quant.scheme import QuantConfig
 
@@ -172,7 +174,14 @@ def validated(fused: nn.Module, data: torch.Tensor, fit_idx: np.ndarray, held_id
             c.figures, c.errors = held_out_figures(done.qm.module, done.fused, held, batch_size)
         return c
 
-    kept, section = _decide(run, fit, held, method, preset, overrides, time_budget, len(data), batch_size, device)
+    def probe() -> nn.Module:
+        """A fake-quant model with min-max ranges from one batch: enough to time its passes."""
+        qm = quantize_model(fused, config)
+        calibrate(qm, fit[:batch_size], RANGE_CANDIDATES[0], batch_size)
+        return qm.module
+
+    kept, section = _decide(run, probe, fit, held, method, preset, overrides, time_budget, len(data), batch_size,
+                            device)
     section["final_fit_images"] = len(fit)
     if held is not None and kept.method not in RECONSTRUCTION:
         refit = run(kept.method, kept.preset, {}, data)
@@ -182,7 +191,7 @@ def validated(fused: nn.Module, data: torch.Tensor, fit_idx: np.ndarray, held_id
     return kept, section
 
 
-def _decide(run, fit: torch.Tensor, held: torch.Tensor | None, method: str, preset: str, overrides: dict,
+def _decide(run, probe, fit: torch.Tensor, held: torch.Tensor | None, method: str, preset: str, overrides: dict,
             time_budget: float, images: int, batch_size: int, device: str) -> tuple[Candidate, dict]:
     """The candidate :func:`validated` keeps, calibrated on ``fit``, and the report section."""
 
@@ -192,8 +201,7 @@ def _decide(run, fit: torch.Tensor, held: torch.Tensor | None, method: str, pres
     notes: list[str] = []
     if method != AUTO:
         if method in RECONSTRUCTION:
-            probe = ranges[0] if ranges else run(RANGE_CANDIDATES[0], None, {})
-            seconds = estimate_reconstruction(probe.done.qm.module, fit, preset, overrides, batch_size, device)
+            seconds = estimate_reconstruction(probe(), fit, preset, overrides, batch_size, device)
             log(f"  {method} ({preset}): about {seconds / 60:.1f} min here (estimated)")
         named = run(method, preset if method in RECONSTRUCTION else None, overrides if method in RECONSTRUCTION
                     else {})
