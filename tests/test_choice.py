@@ -87,3 +87,9 @@ def test_reconstruction_estimate_scales_with_iterations(fused, calib_x) -> None:
     assert 0 < fast < slow  # ten times the iterations (each call times its own passes: only the order is sure)
     assert [p.requires_grad for p in qm.module.parameters()] == flags  # the model is left as it was
     assert all(p.grad is None for p in qm.module.parameters())
+
+
+def test_recipe_reconstruction_settings_win_over_the_preset(fused, calib_x) -> None:
+    qm = quantize_model(fused, QuantConfig("onnxruntime"))
+    details = calibrate(qm, calib_x[:32], "repapq", preset="thorough", overrides={"iters": 2}).details
+    assert details["settings"]["iters"] == 2 and details["preset"] == "thorough"

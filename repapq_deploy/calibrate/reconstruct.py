@@ -465,11 +465,12 @@ def check_recipe(method: str, overrides: dict) -> None:
 
 
 def reconstruct(qm: FakeQuantModel, data: torch.Tensor, base: ReconSettings, preset: str, batch_size: int,
-                device: str, seed: int) -> dict:
-    """Calibrate ``qm`` on ``data`` with a reconstruction recipe; returns details for the report."""
+                device: str, seed: int, overrides: dict | None = None) -> dict:
+    """Calibrate ``qm`` on ``data`` with a reconstruction recipe: ``base``, then ``preset``'s effort, then
+    ``overrides`` (the recipe's own settings win over the preset); returns details for the report."""
     if preset not in PRESETS:
         raise ConfigError(f"`preset` {preset}: choose one of {', '.join(PRESETS)}")
-    settings = replace(base, **PRESETS[preset])
+    settings = replace(base, **{**PRESETS[preset], **(overrides or {})})
     check_settings(settings)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import resource
 import time
 from abc import ABC, abstractmethod
-from dataclasses import replace
 
 import torch
 
@@ -56,7 +55,7 @@ class ReconstructionCalibrator(Calibrator):
         self.name, self.settings = settings.name, settings
 
     def run(self, qm, data, batch_size, device, preset, seed, overrides) -> dict:
-        return reconstruct(qm, data, replace(self.settings, **overrides), preset, batch_size, device, seed)
+        return reconstruct(qm, data, self.settings, preset, batch_size, device, seed, overrides)
 
 
 def calibrator(method: str) -> Calibrator:
