@@ -247,16 +247,21 @@ def test_reconstruction_options_refused_for_range_methods(fused_example, calib_x
         calibrate(quantize_model(gm, QuantConfig()), calib_x, "minmax", overrides={"adaround": True})
 
 
-def test_spilling_cached_activations_to_disk_changes_nothing(fused_example, calib_x, monkeypatch):
+def test_spilling_cached_activations_to_disk_changes_little(fused_example, calib_x, monkeypatch):
     gm, _ = fused_example
-    outs = []
+    outs, logits = [], []
     for spill in (False, True):
-        if spill:  # every cached unit input/output goes through a memory-mapped file
+        if spill:  # every cached unit input/output goes through a float16 memory-mapped file
             monkeypatch.setattr(R, "SPILL_BYTES", 0)
         qm = quantize_model(gm, QuantConfig("tensorrt", 6, 8))
         calibrate(qm, calib_x[:64], "repapq", preset="tiny", seed=1)
         outs.append(np.concatenate([t.numpy().ravel() for t in qm.scales().values()]))
-    assert np.array_equal(outs[0], outs[1])
+        with torch.no_grad():
+            logits.append(qm.module(calib_x[:64]).numpy())
+    # float16 rounds the cached tensors by 2^-11 relative: the learned steps move a little, the model
+    # hardly (a few of the 857 steps move by several percent over the training)
+    assert np.median(np.abs(outs[1] / outs[0] - 1)) < 0.01
+    assert (logits[0].argmax(1) == logits[1].argmax(1)).mean() >= 0.95
 
 
 def test_fold_can_be_deferred(fused_example, calib_x):
@@ -329,7 +334,7 @@ def test_margin_weights_are_the_fp32_margin_gradient(fused_example, calib_x, mon
     top2 = logits.topk(2, dim=1).indices
     expected = torch.full_like(logits, 0.25)
     expected.scatter_(1, top2, 0.25 + 0.75 * logits.shape[1] / 2)
-    assert torch.allclose(w[-1], expected, atol=1e-5)
+    assert torch.allclose(w[-1].float(), expected, atol=1e-3)  # spilled weights are stored in float16
     # an inner unit's weights: the gradient of the margin taken from its output as a leaf
     k = 2
     with torch.no_grad():
@@ -342,7 +347,7 @@ def test_margin_weights_are_the_fp32_margin_gradient(fused_example, calib_x, mon
         out = u.module(out)
     (out.gather(1, top2[:, :1]) - out.gather(1, top2[:, 1:])).sum().backward()
     g = leaf.grad.abs()
-    assert torch.allclose(w[k], 0.25 + 0.75 * g / g.mean(), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(w[k].float(), 0.25 + 0.75 * g / g.mean(), rtol=2e-3, atol=1e-3)
 
 
 def test_margin_weighting_changes_what_is_learned(fused_example, calib_x):

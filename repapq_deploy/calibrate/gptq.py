@@ -61,7 +61,7 @@ def input_moments(module: nn.Module, layer: QuantConv2d | QuantLinear, x: torch.
     try:
         for i in range(0, len(x), batch_size):
             with suppress(_Collected):  # raised by the hook once the layer's input is collected
-                module(x[i:i + batch_size].to(device))
+                module(x[i:i + batch_size].to(device, torch.float32))
     finally:
         handle.remove()
     return moments

@@ -288,11 +288,14 @@ def sample_weights(module: nn.Module, data: torch.Tensor, settings: ReconSetting
 
 
 def _allocate(shape: tuple[int, ...], spill_dir: Path | None) -> torch.Tensor:
-    """An empty float32 tensor; larger than :data:`SPILL_BYTES`, a memory-mapped file in ``spill_dir``."""
+    """An empty float32 tensor; larger than :data:`SPILL_BYTES`, a float16 memory-mapped file in
+    ``spill_dir`` (read back as float32 batch by batch). Its pages count in the process's resident
+    memory once touched, so float16 halves that as well as the disk; its rounding (2^-11 relative) is an
+    eighth of an 8-bit grid step."""
     if spill_dir is not None and math.prod(shape) * 4 > SPILL_BYTES:
         fd, name = tempfile.mkstemp(suffix=".npy", dir=spill_dir)
         os.close(fd)
-        return torch.from_numpy(np.lib.format.open_memmap(name, mode="w+", dtype=np.float32, shape=shape))
+        return torch.from_numpy(np.lib.format.open_memmap(name, mode="w+", dtype=np.float16, shape=shape))
     return torch.empty(shape)
 
 
@@ -333,11 +336,11 @@ def _forward_all(module: nn.Module, x: torch.Tensor, batch_size: int, device: st
                  spill_dir: Path | None = None) -> torch.Tensor:
     """``module`` applied to all of ``x`` in batches. Outputs larger than :data:`SPILL_BYTES` go to a
     memory-mapped file in ``spill_dir`` (1024 images of a 224x224 stem output are several GB)."""
-    first = module(x[:batch_size].to(device)).cpu()  # also gives the output shape
+    first = module(x[:batch_size].to(device, torch.float32)).cpu()  # also gives the output shape
     out = _allocate((len(x), *first.shape[1:]), spill_dir)
     out[:len(first)] = first
     for i in range(batch_size, len(x), batch_size):
-        out[i:i + batch_size] = module(x[i:i + batch_size].to(device)).cpu()
+        out[i:i + batch_size] = module(x[i:i + batch_size].to(device, torch.float32)).cpu()
     return out
 
 
@@ -346,8 +349,8 @@ def _mean_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor, device: str,
     """Mean absolute error of ``module(x)`` against ``y``, batch by batch (nothing the size of ``y`` is made)."""
     total = 0.0
     for i in range(0, len(x), batch_size):
-        pred = module(x[i:i + batch_size].to(device))
-        total += float((pred - y[i:i + batch_size].to(device)).abs().sum())
+        pred = module(x[i:i + batch_size].to(device, torch.float32))
+        total += float((pred - y[i:i + batch_size].to(device, torch.float32)).abs().sum())
     return total / y.numel()
 
 
@@ -421,9 +424,10 @@ def _optimize(unit: Unit, x_q: torch.Tensor, y_fp: torch.Tensor, settings: Recon
             idx = torch.randint(0, len(x_q), (min(batch_size, len(x_q)),), generator=generator)
             w = None if weights is None else weights[idx].to(device)
             if elements is not None:
-                e = elements[idx].to(device)
+                e = elements[idx].to(device, torch.float32)
                 w = e if w is None else e * w.view(-1, *([1] * (e.dim() - 1)))
-            loss = _loss(module(x_q[idx].to(device)), y_fp[idx].to(device), settings.loss, w)
+            target = y_fp[idx].to(device, torch.float32)
+            loss = _loss(module(x_q[idx].to(device, torch.float32)), target, settings.loss, w)
             penalty = _rounding_penalty(unit, step, settings) if params["rounding"] else None
             total = loss if penalty is None else loss + round_weight * penalty
             opt.zero_grad(set_to_none=True)
