@@ -169,3 +169,21 @@ def test_readme_api_example_runs(tmp_path: Path, monkeypatch) -> None:
     exec(compile(example.replace("engines/", f"{tmp_path}/"), "README.md", "exec"), namespace)
     report = namespace["report"]
     assert isinstance(report, rd.Report) and report.accuracy.engine_top1 > 80
+
+
+def test_build_runs_the_file_pipeline_and_returns_a_typed_report(tmp_path: Path) -> None:
+    example = README.parent / "examples" / "fashion_mnist"
+    report = rd.build(example / "model.safetensors", example / "calib.npz", out=str(tmp_path / "b"),
+                      eval=str(example / "eval.npz"), method="minmax", eval_count=200, bench_seconds=0.1)
+    assert isinstance(report, rd.Report) and report.accuracy.samples == 200
+    assert report.engine.int8_op_fraction == 1.0 and (tmp_path / "b" / "report.json").is_file()
+    with pytest.raises(rd.ConfigError, match="unknown build setting 'evaluation'"):
+        rd.build(example / "model.safetensors", evaluation="x")
+
+
+def test_export_fp32_writes_the_fused_model(tmp_path: Path, samples) -> None:
+    x, _ = samples
+    qm = rd.quantize(_randomize_bn(TinyRepNet()), x, method="minmax", calib_count=None)
+    nodes, _ = _graph(qm.export_fp32(tmp_path / "fp32.onnx"))
+    assert not any(op in ("QuantizeLinear", "DequantizeLinear") for op, _, _ in nodes)
+    assert sum(op == "Conv" for op, _, _ in nodes) == 3  # the stem and one fused conv per block

@@ -14,7 +14,13 @@ import torch
 import torch.nn as nn
 
 from repapq_deploy.artifacts import save_torch
-from repapq_deploy.calibrate.choice import AUTO, RECONSTRUCTION_CANDIDATE, holdout_split, validated
+from repapq_deploy.calibrate.choice import (
+    AUTO,
+    RECONSTRUCTION_CANDIDATE,
+    RECONSTRUCTION_MIN_IMAGES,
+    holdout_split,
+    validated,
+)
 from repapq_deploy.calibrate.prepare import quantize_model
 from repapq_deploy.calibrate.reconstruct import RECONSTRUCTION, check_recipe
 from repapq_deploy.calibrate.registry import calibrator
@@ -22,10 +28,6 @@ from repapq_deploy.progress import log
 from repapq_deploy.quant.placement import FakeQuantModel
 from repapq_deploy.quant.scheme import QuantConfig, resolve_offset_relu
 from repapq_deploy.recipe import Recipe
-
-# Below this many calibration images a reconstruction method is warned about (it learns weights and
-# scales from them; the benchmarks use 1024, the bundled example 256)
-FEW_RECONSTRUCTION_IMAGES = 256
 
 
 def quant_config(profile: str, bits: int, first_last_bits: int, recipe: Recipe) -> QuantConfig:
@@ -85,10 +87,10 @@ def calibrate_model(fused: nn.Module, data: torch.Tensor, config: QuantConfig, m
                                      "split": n in qconfig.split_layers}
                                  for n, (plain, split) in errors.items()}
     warnings = list(choice["warnings"])
-    if method in RECONSTRUCTION and len(data) < FEW_RECONSTRUCTION_IMAGES:
+    if method in RECONSTRUCTION and len(data) < RECONSTRUCTION_MIN_IMAGES:
         warnings.append(f"method {method} trained on only {len(data)} calibration images and can over-fit them "
                         f"(EfficientNet-Lite0 on crops of 16-26 photos: worse than percentile); use "
-                        f"{FEW_RECONSTRUCTION_IMAGES}+ distinct images, not crops of a few, or compare with "
+                        f"{RECONSTRUCTION_MIN_IMAGES}+ distinct images, not crops of a few, or compare with "
                         f"method percentile")
     out["warnings"] = warnings
     return Calibrated(qm, qconfig, out, warnings)
