@@ -45,17 +45,20 @@ def check_method(method: str, recipe: Recipe) -> None:
 
 
 @dataclass
-class Calibrated:
-    """The calibrate stage's result: the fake-quant model, its scheme and the report section."""
+class CalibrationOutcome:
+    """The calibrate stage's result: the fake-quant model (its ``config`` is the scheme) and the report
+    section (with its ``warnings``)."""
 
     qm: FakeQuantModel
-    config: QuantConfig
     details: dict
-    warnings: list[str]
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.details["warnings"]
 
 
 def calibrate_model(fused: nn.Module, data: torch.Tensor, config: QuantConfig, method: str, recipe: Recipe,
-                    device: str = "cpu", seed: int = 0) -> Calibrated:
+                    device: str = "cpu", seed: int = 0) -> CalibrationOutcome:
     """Equalize, split, place quantizers on ``fused`` and calibrate them with ``method`` (``auto``: the
     candidate closest to FP32 on held-out calibration images, ``calibrate.choice``) on the images of
     ``data`` that are not held out."""
@@ -90,10 +93,10 @@ def calibrate_model(fused: nn.Module, data: torch.Tensor, config: QuantConfig, m
     if method in RECONSTRUCTION and len(data) < RECONSTRUCTION_MIN_IMAGES:
         warnings.append(f"method {method} trained on only {len(data)} calibration images and can over-fit them "
                         f"(EfficientNet-Lite0 on crops of 16-26 photos: worse than percentile); use "
-                        f"{RECONSTRUCTION_MIN_IMAGES}+ distinct images, not crops of a few, or compare with "
-                        f"method percentile")
+                        f"{RECONSTRUCTION_MIN_IMAGES}+ distinct images, not crops of a few, or use "
+                        f"method auto, which validates it on held-out images")
     out["warnings"] = warnings
-    return Calibrated(qm, qconfig, out, warnings)
+    return CalibrationOutcome(qm, out)
 
 
 def save_qstate(qm: FakeQuantModel, method: str, path: Path) -> None:
